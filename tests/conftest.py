@@ -1,0 +1,43 @@
+"""Shared test helpers: seeded phantom volumes and a tiny network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from robustseg.models import TINY  # noqa: E402
+from robustseg.registry import MODELS  # noqa: E402
+
+
+def make_volume_batch(batch_size: int = 2, size: int = 16, seed: int = 0, num_classes: int = 3) -> dict[str, Tensor]:
+    """Concentric-sphere phantoms: class k fills the shell between radii; a noisy image in [0, 1].
+
+    Returns ``{"image": (B, 1, S, S, S) float32, "label": (B, 1, S, S, S) int64, "case_id": list[str]}``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    axis = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    zz, yy, xx = torch.meshgrid(axis, axis, axis, indexing="ij")
+    radius = (zz**2 + yy**2 + xx**2).sqrt()  # (D, H, W)
+    label = torch.zeros_like(radius, dtype=torch.long)
+    for k in range(1, num_classes):
+        label += (radius < size / 2 * (1 - k / num_classes)).long()
+    label = label.expand(batch_size, 1, -1, -1, -1).clone()  # (B, 1, D, H, W)
+    image = (label / max(num_classes - 1, 1) + 0.1 * torch.randn(label.shape, generator=g)).clamp(0, 1)
+    return {"image": image.float(), "label": label, "case_id": [f"case{i}" for i in range(batch_size)]}
+
+
+@pytest.fixture
+def volume_batch() -> dict[str, Tensor]:
+    return make_volume_batch()
+
+
+@pytest.fixture
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS.build({"name": "unet", "in_channels": 1, "out_channels": 3, **TINY["unet"]})
