@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+
+from robustseg.errors import ConfigError
 
 
 def build_trainer_kwargs(section: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """Plain Trainer kwargs; ``strategy: ddp`` on CPU uses gloo (Lightning picks it), on GPUs NCCL."""
+    """Plain Trainer kwargs from the ``trainer`` section.
+
+    ``strategy: ddp`` on CPU uses gloo (Lightning picks it), on GPUs NCCL. An optional ``slurm`` subsection
+    (``auto_requeue``, ``requeue_signal``) becomes Lightning's :class:`SLURMEnvironment` plugin.
+    """
     kwargs: dict[str, Any] = (
         OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
     )
-    return {k: v for k, v in kwargs.items() if v is not None}
+    slurm = kwargs.pop("slurm", None)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if slurm:
+        name = slurm.get("requeue_signal", "SIGUSR1")
+        if not hasattr(signal, str(name)):
+            raise ConfigError(f"trainer.slurm.requeue_signal={name!r} is not a signal name such as SIGUSR1")
+        environment = SLURMEnvironment(
+            auto_requeue=bool(slurm.get("auto_requeue", True)), requeue_signal=getattr(signal, name)
+        )
+        kwargs["plugins"] = [*kwargs.get("plugins", []), environment]
+    return kwargs

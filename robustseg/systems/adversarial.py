@@ -52,6 +52,7 @@ class AttackView(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.requires_grad:
+            x = x.view_as(x)  # a fresh node per call, so a reused leaf does not collect one hook per call
             x.register_hook(self._record)
         logits = self.net(x)
         return _ScaleGrad.apply(logits, self.grad_scale) if self.grad_scale != 1.0 else logits
