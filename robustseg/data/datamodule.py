@@ -26,7 +26,7 @@ from robustseg.data.checks import validate_dataset
 from robustseg.data.datalist import Case
 from robustseg.data.options import DataOptions, parse_options
 from robustseg.data.prepare import prepare_dataset
-from robustseg.data.transforms import eval_transforms, train_transforms
+from robustseg.data.transforms import eval_transforms, intensity_transforms, train_transforms
 from robustseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -139,5 +139,6 @@ def build_datamodule(data_cfg: Mapping[str, Any] | DictConfig) -> SegmentationDa
         ConfigError: naming the bad ``data.<key>`` (nothing is read from disk yet).
     """
     options = parse_options(data_cfg)
+    intensity_transforms(options)  # checks data.intensity against the modality now, not at setup
     log.debug("data options: %s", options)
     return SegmentationDataModule(options)
