@@ -1,0 +1,15 @@
+"""Adversarial attacks on volumetric segmentation. Importing this package registers every attack in ``ATTACKS``.
+
+Public API: ``ATTACKS.build({"name": ..., **fields})`` -> a frozen dataclass ``attack``;
+``attack(model, images, labels) -> adversarial``; ``attack_volume(...)`` for whole volumes; ``LOSSES[name]``.
+"""
+
+from __future__ import annotations
+
+from robustseg.attacks import cospgd, noise, pgd, segpgd, transfer  # noqa: F401  (import = registration)
+from robustseg.attacks.base import Attack, parse_budget
+from robustseg.attacks.losses import LOSSES
+from robustseg.attacks.targets import TARGETS
+from robustseg.registry import ATTACKS
+
+__all__ = ["ATTACKS", "LOSSES", "TARGETS", "Attack", "parse_budget"]

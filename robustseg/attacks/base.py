@@ -1,0 +1,152 @@
+"""The attack contract (ARCHITECTURE.md 2.2), budget parsing and the shared L-inf/L2 gradient loop.
+
+Every attack maps ``(model, images, labels)`` to adversarial images. Images are float ``(B, C, D, H, W)`` in
+``[0, 1]``, labels int64 ``(B, 1, D, H, W)``, the model returns logits ``(B, K, D, H, W)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+from collections.abc import Iterator
+from fractions import Fraction
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from robustseg.attacks.targets import TARGETS
+from robustseg.errors import ConfigError
+
+
+def parse_budget(value: Any, field: str, attack: str = "attack") -> float:
+    """A budget in ``[0, 1]`` intensity units from a number or a fraction string such as ``"8/255"``.
+
+    Raises:
+        ConfigError: naming ``attack.field`` when the value is not a finite number >= 0.
+    """
+    number: float
+    if isinstance(value, bool):
+        raise ConfigError(f"{attack}.{field}: expected a number or a fraction like '8/255', got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(
+                f"{attack}.{field}: expected a number or a fraction like '8/255', got {value!r}"
+            ) from None
+    else:
+        raise ConfigError(f"{attack}.{field}: expected a number or a fraction like '8/255', got {value!r}")
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{attack}.{field}: must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def check_positive_int(value: Any, field: str, attack: str = "attack", minimum: int = 1) -> None:
+    """Raise ``ConfigError`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{attack}.{field}: expected an integer >= {minimum}, got {value!r}")
+
+
+def set_budgets(obj: Any, *fields: str) -> None:
+    """Parse the named budget fields of a frozen dataclass in place (for ``__post_init__``)."""
+    for field in fields:
+        object.__setattr__(obj, field, parse_budget(getattr(obj, field), field, type(obj).__name__))
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on every parameter; restore each flag exactly on exit.
+
+    The attack graph then holds no parameter-gradient paths, so a step costs a bare pass (forward plus an
+    input-gradient backward) and no parameter ``.grad`` can be touched.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device``, or ``None`` to use the global RNG."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+class Attack(abc.ABC):
+    """Maps ``(model, images, labels)`` to adversarial images.
+
+    Contract, checked for every ``conf/attack/*.yaml`` preset in ``tests/test_attacks.py``:
+
+    * ``images`` is float ``(B, C, D, H, W)`` in ``[0, 1]``; ``labels`` is int ``(B, 1, D, H, W)``.
+    * The result is detached, has the same shape, dtype and device, and lies in ``[0, 1]``.
+    * Only input gradients are taken (``torch.autograd.grad``); parameters are frozen for the duration of the
+      call and their ``requires_grad`` flags restored, so parameter ``.grad`` is never touched and calling an
+      attack inside ``training_step`` under DDP or gradient accumulation is safe.
+    * The number of forward passes is fixed by the config, never by the data: DDP ranks stay in step.
+    * ``model.training`` is restored on exit. Subclasses are frozen dataclasses: no state survives a call.
+    * Targeted attacks (``targeted=True``) move the prediction towards ``target``: a label map passed as the
+      ``target`` keyword, else the map the named rule ``self.target`` derives from ``labels`` (see ``TARGETS``).
+
+    Class attributes: ``threat_model`` is ``"linf"`` or ``"l2"`` for attacks bounded by their ``eps`` field (the
+    evaluator audits it), ``None`` otherwise; ``uses_gradients`` is False for random baselines.
+    """
+
+    threat_model: ClassVar[str | None] = None
+    uses_gradients: ClassVar[bool] = True
+
+    def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, *, target: Tensor | None = None) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} needs autograd but torch.inference_mode is on: build the Trainer with "
+                "inference_mode=False (or call the attack outside torch.inference_mode())"
+            )
+        if images.ndim != 5 or labels.shape != (images.shape[0], 1, *images.shape[2:]):
+            raise ValueError(
+                f"{type(self).__name__}: expected images (B, C, D, H, W) and labels (B, 1, D, H, W), got "
+                f"{tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        if not images.is_floating_point() or labels.is_floating_point():
+            raise ValueError(
+                f"{type(self).__name__}: expected float images and integer labels, got {images.dtype} and "
+                f"{labels.dtype}"
+            )
+        goal = self._goal(labels.long(), target)
+        was_training = model.training
+        model.eval()  # attack the deployed model; also keeps BatchNorm running statistics untouched
+        try:
+            with torch.enable_grad(), frozen_parameters(model):
+                adversarial = self.perturb(model, images.detach(), goal)
+        finally:
+            model.train(was_training)
+        return adversarial.detach().clamp(0.0, 1.0).to(images.dtype)
+
+    def _goal(self, labels: Tensor, target: Tensor | None) -> Tensor:
+        """The label map the objective refers to: ``labels`` (untargeted) or the target map (targeted)."""
+        targeted = bool(getattr(self, "targeted", False))
+        if target is not None:
+            if not targeted:
+                raise ValueError(f"{type(self).__name__}: a target map was given but the attack is not targeted")
+            if target.shape != labels.shape:
+                raise ValueError(
+                    f"{type(self).__name__}: target map shape {tuple(target.shape)} != labels {tuple(labels.shape)}"
+                )
+            return target.to(labels.device).long()
+        if targeted:
+            return TARGETS[self.target](labels)  # type: ignore[attr-defined]
+        return labels
+
+    @abc.abstractmethod
+    def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        """Return adversarial images; called in eval mode, gradients enabled, parameters frozen.
+
+        ``labels`` are the true labels (untargeted) or the target map (targeted).
+        """
