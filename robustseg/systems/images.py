@@ -8,7 +8,7 @@ from torch import Tensor
 
 
 def slice_panel(image: Tensor, label: Tensor, pred: Tensor, num_classes: int) -> np.ndarray:
-    """RGB uint8 panel (H, 3W, 3) of the axial slice (last axis) with the most foreground in ``label``.
+    """RGB uint8 panel (H, 3D, 3), enlarged when small, of the axial slice with the most foreground in ``label``.
 
     Args:
         image: (D, H, W) intensities in [0, 1].
@@ -24,5 +24,8 @@ def slice_panel(image: Tensor, label: Tensor, pred: Tensor, num_classes: int) ->
         rgb = cmap(idx % cmap.N)[..., :3]  # (D, H, 3)
         return np.where(idx[..., None] == 0, gray[..., None], 0.5 * gray[..., None] + 0.5 * rgb)
 
-    panel = np.concatenate([np.repeat(gray[..., None], 3, axis=-1), colour(label), colour(pred)], axis=1)
-    return (np.rot90(panel) * 255).round().astype(np.uint8)  # rotate so anterior is up
+    parts = [np.repeat(gray[..., None], 3, axis=-1), colour(label), colour(pred)]  # 3 x (D, H, 3)
+    panel = np.concatenate([np.rot90(p) for p in parts], axis=1)  # (H, 3D, 3): rotated so anterior is up
+    zoom = max(1, 160 // panel.shape[0])  # small volumes get nearest-neighbour enlarged for legibility
+    panel = panel.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    return (panel * 255).round().astype(np.uint8)
