@@ -9,7 +9,7 @@ The package stores ``data/img_117.mrc`` (float32 Hounsfield units) and ``data/la
   written here encodes that (axcodes ``PLS``), so ``Orientationd("RAS")`` yields x = right, y = anterior,
   z = superior; the volume is centred on the world origin.
 * Train and validation come from DISJOINT axial slabs: validation = the inferior 48 slices (axis 2 index
-  0..47, liver tip, about 8k tumour voxels), training = the superior 80 slices (index 48..127, most of the
+  0..47, liver tip: about 69k liver and 5k tumour voxels), training = the superior 80 slices (index 48..127, most of the
   liver and tumour). Both contain all three classes.
 """
 
