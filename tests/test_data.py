@@ -183,3 +183,15 @@ def test_synthetic_conf_prepares_and_trains(tmp_path, monkeypatch):
     assert len(cases["training"]) == 4 and len(cases["validation"]) == 2
     assert batch["image"].shape == (4, 1, 32, 32, 32)
     assert np.isin(batch["label"].unique().numpy(), [0, 1, 2]).all()
+
+
+def test_training_crops_follow_the_torch_seed(synthetic_root):
+    def first_batch(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        dm = build_datamodule(synthetic_cfg(synthetic_root))
+        dm.setup("fit")
+        torch.manual_seed(seed)  # the loader's shuffle
+        return next(iter(dm.train_dataloader()))["image"]
+
+    assert torch.equal(first_batch(0), first_batch(0))
+    assert not torch.equal(first_batch(0), first_batch(1))

@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
-from monai.data import CacheDataset, Dataset, list_data_collate
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
 from omegaconf import DictConfig
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset
 
 from robustseg.data.checks import validate_dataset
 from robustseg.data.datalist import Case
@@ -76,9 +77,12 @@ class SegmentationDataModule(L.LightningDataModule):
         opts = self.options
         workers = max(1, opts.num_workers)
         if stage in (None, "fit") and self.train_dataset is None:
+            transforms = train_transforms(opts)
+            # MONAI transforms draw from their own numpy RandomState: follow the run's seed (seed_everything)
+            transforms.set_random_state(seed=torch.initial_seed() % 2**32)
             train = CacheDataset(
                 cases["training"],
-                train_transforms(opts),
+                transforms,
                 cache_rate=opts.cache_rate,
                 num_workers=workers,
                 progress=False,
