@@ -195,3 +195,13 @@ def test_training_crops_follow_the_torch_seed(synthetic_root):
 
     assert torch.equal(first_batch(0), first_batch(0))
     assert not torch.equal(first_batch(0), first_batch(1))
+
+
+@pytest.mark.parametrize("name", [p.stem for p in DATA_CONFS])
+def test_every_data_conf_composes_through_load_config(name, tmp_path, monkeypatch):
+    from robustseg.config import load_config
+
+    monkeypatch.setenv("ROBUSTSEG_DATA", str(tmp_path))
+    cfg = load_config("train", [f"data={name}"])
+    dm = build_datamodule(cfg.data)
+    assert dm.options.name == name and dm.num_classes == cfg.data.num_classes
