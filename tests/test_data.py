@@ -205,3 +205,18 @@ def test_every_data_conf_composes_through_load_config(name, tmp_path, monkeypatc
     cfg = load_config("train", [f"data={name}"])
     dm = build_datamodule(cfg.data)
     assert dm.options.name == name and dm.num_classes == cfg.data.num_classes
+
+
+def test_multichannel_images_from_a_list_of_files(tmp_path):
+    write_synthetic_dataset(tmp_path, num_cases=2, size=16, num_classes=3)
+    content = json.loads((tmp_path / "dataset.json").read_text())
+    for entries in content.values():
+        for entry in entries:
+            entry["image"] = [entry["image"], entry["image"]]  # e.g. CT + PET
+    (tmp_path / "dataset.json").write_text(json.dumps(content))
+
+    dm = build_datamodule(synthetic_cfg(tmp_path, in_channels=2, roi_size=16, batch_size=1))
+    dm.setup("fit")
+
+    assert next(iter(dm.train_dataloader()))["image"].shape == (2, 2, 16, 16, 16)
+    assert dm.eval_dataset()[0]["image"].shape[0] == 2
