@@ -215,8 +215,13 @@ def test_multichannel_images_from_a_list_of_files(tmp_path):
             entry["image"] = [entry["image"], entry["image"]]  # e.g. CT + PET
     (tmp_path / "dataset.json").write_text(json.dumps(content))
 
-    dm = build_datamodule(synthetic_cfg(tmp_path, in_channels=2, roi_size=16, batch_size=1))
+    cfg = synthetic_cfg(tmp_path, in_channels=2, roi_size=16, batch_size=1, modality="ct_pet", intensity={})
+    dm = build_datamodule(cfg)
     dm.setup("fit")
 
     assert next(iter(dm.train_dataloader()))["image"].shape == (2, 2, 16, 16, 16)
-    assert dm.eval_dataset()[0]["image"].shape[0] == 2
+    image = dm.eval_dataset()[0]["image"]  # (2, D, H, W): channel 0 CT-windowed, channel 1 SUV-scaled
+    assert image.shape[0] == 2 and image.min() >= 0 and image.max() <= 1
+    assert not torch.equal(image[0], image[1])  # the same HU volume, normalised two ways
+    with pytest.raises(ConfigError, match="data.in_channels"):
+        build_datamodule({**cfg, "in_channels": 1})

@@ -16,9 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from robustseg.data.transforms import INTENSITY
 from robustseg.errors import ConfigError
 
-MODALITIES = ("ct", "mri")  # keys of robustseg.data.transforms.INTENSITY
 AUGMENT_KEYS = ("flip", "rot90", "scale_intensity", "shift_intensity")
 
 
@@ -125,8 +125,8 @@ def parse_options(cfg: Mapping[str, Any] | DictConfig) -> DataOptions:
             raise ConfigError(f"data.{key} is required")
 
     modality = raw["modality"]
-    if modality not in MODALITIES:
-        raise ConfigError(f"data.modality={modality!r}: expected one of {list(MODALITIES)}")
+    if modality not in INTENSITY:
+        raise ConfigError(f"data.modality={modality!r}: expected one of {sorted(INTENSITY)}")
     num_classes = _int_at_least("num_classes", raw["num_classes"], 2)
     class_names = tuple(raw.get("class_names") or (f"class{k}" for k in range(num_classes)))
     if len(class_names) != num_classes:
@@ -156,6 +156,8 @@ def parse_options(cfg: Mapping[str, Any] | DictConfig) -> DataOptions:
         raise ConfigError(f"data.intensity={intensity!r}: expected a mapping")
     pad_divisor = raw.get("pad_divisor", 32)
 
+    if modality == "ct_pet" and raw.get("in_channels", 1) != 2:
+        raise ConfigError(f"data.in_channels={raw.get('in_channels', 1)!r}: modality ct_pet needs 2 (CT, PET)")
     return DataOptions(
         name=str(raw["name"]),
         root=Path(str(raw["root"])).expanduser().absolute(),

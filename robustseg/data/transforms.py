@@ -2,7 +2,8 @@
 
 Intensity normalisation is looked up in :data:`INTENSITY` by ``data.modality``: CT uses a HU window mapped to
 ``[0, 1]`` and clipped (``ScaleIntensityRanged``); MRI uses per-volume percentiles mapped to ``[0, 1]`` and
-clipped, never a CT window. A new modality is one function and one entry.
+clipped, never a CT window; ``ct_pet`` windows channel 0 (CT, HU) and maps channel 1 (PET, SUV) from
+``[0, suv_max]``. A new modality is one function and one entry.
 
 Chains (``d`` = dictionary transforms on ``{"image", "label"}``):
 
@@ -18,7 +19,8 @@ Outputs: image float32 ``(C, D, H, W)`` in [0, 1]; label int64 ``(1, D, H, W)``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from monai.transforms import (
@@ -37,14 +39,17 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     ResizeWithPadOrCropd,
+    ScaleIntensityRange,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
 )
 
-from robustseg.data.options import DataOptions
 from robustseg.errors import ConfigError
+
+if TYPE_CHECKING:  # options.py imports INTENSITY from here
+    from robustseg.data.options import DataOptions
 
 KEYS = ("image", "label")
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # NIfTI world axes (explicit: MONAI warns otherwise)
@@ -68,7 +73,39 @@ def mri_percentiles(lower: float = 0.5, upper: float = 99.5) -> list[MapTransfor
     ]
 
 
-INTENSITY: dict[str, Callable[..., list[MapTransform]]] = {"ct": ct_window, "mri": mri_percentiles}
+class ChannelIntensityd(MapTransform):
+    """Normalise each channel of ``image`` with its own array transform, e.g. CT window + PET SUV range."""
+
+    def __init__(self, keys: str, per_channel: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        super().__init__(keys)
+        self.per_channel = list(per_channel)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]  # (C, D, H, W)
+            if image.shape[0] != len(self.per_channel):
+                raise ValueError(f"{key}: expected {len(self.per_channel)} channels, got {image.shape[0]}")
+            d[key] = torch.cat([t(image[c : c + 1]) for c, t in enumerate(self.per_channel)])  # (C, D, H, W)
+        return d
+
+
+def ct_pet(a_min: float = -250.0, a_max: float = 250.0, suv_max: float = 10.0) -> list[MapTransform]:
+    """CT + PET (channels 0 and 1): CT HU window to [0, 1]; PET SUV clipped to ``[0, suv_max]`` to [0, 1]."""
+    if a_max <= a_min or suv_max <= 0:
+        raise ConfigError(f"data.intensity: need a_min < a_max and suv_max > 0, got {a_min}, {a_max}, {suv_max}")
+    return [
+        ChannelIntensityd(
+            "image",
+            [
+                ScaleIntensityRange(a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
+                ScaleIntensityRange(a_min=0.0, a_max=suv_max, b_min=0.0, b_max=1.0, clip=True),
+            ],
+        )
+    ]
+
+
+INTENSITY: dict[str, Callable[..., list[MapTransform]]] = {"ct": ct_window, "mri": mri_percentiles, "ct_pet": ct_pet}
 
 
 def intensity_transforms(options: DataOptions) -> list[MapTransform]:
