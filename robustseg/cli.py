@@ -9,6 +9,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from robustseg.config import help_text, load_config
 from robustseg.errors import RobustsegError
 
@@ -26,7 +28,7 @@ def main(name: str, run: Callable, argv: Sequence[str] | None = None) -> int:
     except RobustsegError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
-    if result is not None:
+    if result is not None and rank_zero_only.rank == 0:  # DDP processes launched by rank 0 stay quiet
         sys.stdout.write(f"{result}\n")
     return 0
 

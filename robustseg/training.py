@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from robustseg.config import to_yaml
@@ -46,14 +47,17 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
     ckpt = cfg.ckpt_path
     if os.environ.get(RUN_DIR_ENV):  # a process launched by rank 0's DDP launcher
         run_dir = Path(os.environ[RUN_DIR_ENV])
-        return run_dir, (str(run_dir / "checkpoints" / "last.ckpt") if ckpt == "last" else ckpt)
+        return run_dir, (_newest_checkpoint(run_dir.parent, run_dir.name) if ckpt == "last" else ckpt)
     if ckpt == "last":
-        prefix = run_prefix(cfg)
-        pattern = f"{cfg.run_name}" if cfg.run_name else f"{prefix}-*"
-        candidates = sorted(output_dir.glob(f"{pattern}/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise ConfigError(f"ckpt_path=last: no {pattern}/checkpoints/last.ckpt under {output_dir.resolve()}")
-        return candidates[-1].parent.parent, str(candidates[-1])
+        pattern = f"{cfg.run_name}" if cfg.run_name else f"{run_prefix(cfg)}-*"
+        newest = _newest_checkpoint(output_dir, pattern)
+        if newest is None:
+            raise ConfigError(
+                f"ckpt_path=last: no {pattern}/checkpoints/last.ckpt (nor a SLURM hpc_ckpt_*.ckpt) under "
+                f"{output_dir.resolve()}"
+            )
+        path = Path(newest)
+        return (path.parent.parent if path.parent.name == "checkpoints" else path.parent), newest
     if ckpt is not None:
         path = Path(ckpt)
         if not path.is_file():
@@ -65,6 +69,13 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
     # SLURM: tasks of one job (and the job after a requeue) share the run directory through the job id
     suffix = os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
     return output_dir / f"{run_prefix(cfg)}-{suffix}", None
+
+
+def _newest_checkpoint(output_dir: Path, pattern: str) -> str | None:
+    """The most recently written resumable checkpoint of the runs matching ``pattern``: an epoch-end
+    ``checkpoints/last.ckpt`` or the ``hpc_ckpt_N.ckpt`` Lightning writes on a SLURM pre-emption signal."""
+    found = [*output_dir.glob(f"{pattern}/checkpoints/last.ckpt"), *output_dir.glob(f"{pattern}/hpc_ckpt_*.ckpt")]
+    return str(max(found, key=lambda p: p.stat().st_mtime_ns)) if found else None
 
 
 def build_system(cfg: DictConfig) -> SegmentationSystem:
@@ -112,8 +123,13 @@ def _attack_preset(name: str, steps: int) -> dict[str, Any]:
     return section
 
 
-def train(cfg: DictConfig) -> Path:
-    """Fit a system as ``cfg`` says and return its run directory."""
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
+    """Fit a system as ``cfg`` says and return its run directory.
+
+    Args:
+        cfg: a composed run config (:func:`robustseg.config.load_config`).
+        callbacks: extra Lightning callbacks, for programmatic users (the checkpoint callback is always there).
+    """
     run_dir, ckpt_path = resolve_run(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     system = build_system(cfg)
@@ -134,7 +150,7 @@ def train(cfg: DictConfig) -> Path:
         save_top_k=1,
         enable_version_counter=False,
     )
-    callbacks = [checkpoint] + ([LearningRateMonitor("step")] if logger is not None else [])
+    callbacks = [checkpoint, *callbacks] + ([LearningRateMonitor("step")] if logger is not None else [])
     trainer = L.Trainer(
         **build_trainer_kwargs(cfg.trainer),
         logger=logger if logger is not None else False,

@@ -106,3 +106,17 @@ def test_attack_view_scales_gradient_and_records_zero_fraction():
     net.weight.data.zero_()
     torch.autograd.grad(view(x).sum(), x)
     assert view.zero_grad_fraction().item() == pytest.approx(0.5)  # mean of 0 and 1
+
+
+def test_attack_view_keeps_fp16_input_gradients_from_underflowing():
+    net = torch.nn.Conv3d(1, 2, 1)
+    x = torch.rand(1, 1, 4, 4, 4, requires_grad=True)
+    fractions = {}
+    for scale in (1.0, 2.0**12):
+        view = AttackView(net, grad_scale=scale)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = view(x).float().sum() * 1e-9  # a gradient below fp16's smallest subnormal (6e-8)
+        torch.autograd.grad(loss, x)
+        fractions[scale] = view.zero_grad_fraction().item()
+    assert fractions[1.0] == 1.0  # unscaled: every input gradient underflowed to zero
+    assert fractions[2.0**12] == 0.0

@@ -20,16 +20,18 @@ log = logging.getLogger(__name__)
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by ``scale`` on the way back."""
+    """Casts to float32 on the way forward; on the way back multiplies the float32 gradient by ``scale`` *before*
+    casting it to the (possibly float16) dtype of the logits, so small gradients survive the cast."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
-        return x.view_as(x)
+        ctx.dtype = x.dtype
+        return x.float()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.scale, None
+        return (grad.float() * ctx.scale).to(ctx.dtype), None
 
 
 class AttackView(nn.Module):

@@ -14,8 +14,8 @@ from monai.optimizers import WarmupCosineSchedule
 from torch import Tensor, nn
 from torchmetrics.segmentation import DiceScore
 
+from robustseg.attacks import ATTACKS
 from robustseg.models import MODELS
-from robustseg.registry import ATTACKS
 from robustseg.systems.adversarial import ADV_MODES, AttackView, frequency_consistency
 from robustseg.systems.images import slice_panel
 
@@ -90,6 +90,10 @@ class SegmentationSystem(L.LightningModule):
         """(B, C, D, H, W) -> logits (B, K, D, H, W) of the plain network."""
         return self.net(images)
 
+    def on_train_start(self) -> None:
+        if self.global_rank == 0:  # after a restore this is the true resume point
+            log.info("training starts at epoch %d, global step %d", self.current_epoch, self.global_step)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
         if self.attack is None:
@@ -138,7 +142,7 @@ class SegmentationSystem(L.LightningModule):
         )
 
     def _attacked_prediction(self, images: Tensor, labels: Tensor) -> Tensor:
-        from robustseg.attacks import attack_volume  # the attack library is only needed here
+        from robustseg.attacks import attack_volume  # noqa: PLC0415  (TODO: top-level once exported)
 
         if torch.is_inference_mode_enabled():
             raise RuntimeError("system.val_attack needs gradients: the Trainer must be built with inference_mode=False")
