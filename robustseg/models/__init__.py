@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from robustseg.models import monai_nets  # noqa: F401  (import = registration)
+from robustseg.models import monai_nets, umamba  # noqa: F401  (import = registration)
 from robustseg.models.tiny import TINY
 from robustseg.registry import MODELS
 

@@ -21,4 +21,19 @@ TINY: dict[str, dict[str, Any]] = {
         "use_checkpoint": False,
         "norm_name": "batch",
     },
+    # U-Mamba: 3 stages (total stride 4), voxel tokens everywhere (no img_size), small state.
+    "umamba_bot": {
+        "features": (4, 8, 16),
+        "strides": (1, 2, 2),
+        "blocks_per_stage": (1, 1, 1),
+        "blocks_per_stage_decoder": (1, 1),
+        "d_state": 4,
+    },
+    "umamba_enc": {
+        "features": (4, 8, 16),
+        "strides": (1, 2, 2),
+        "blocks_per_stage": (1, 1, 1),
+        "blocks_per_stage_decoder": (1, 1),
+        "d_state": 4,
+    },
 }
