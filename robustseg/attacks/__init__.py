@@ -9,7 +9,19 @@ from __future__ import annotations
 from robustseg.attacks import cospgd, noise, pgd, segpgd, transfer, vafa  # noqa: F401  (import = registration)
 from robustseg.attacks.base import Attack, parse_budget
 from robustseg.attacks.losses import LOSSES
+from robustseg.attacks.ssim import perceptibility, ssim3d
 from robustseg.attacks.targets import TARGETS
+from robustseg.attacks.volume import SlidingWindowModel, attack_volume
 from robustseg.registry import ATTACKS
 
-__all__ = ["ATTACKS", "LOSSES", "TARGETS", "Attack", "parse_budget"]
+__all__ = [
+    "ATTACKS",
+    "LOSSES",
+    "TARGETS",
+    "Attack",
+    "SlidingWindowModel",
+    "attack_volume",
+    "parse_budget",
+    "perceptibility",
+    "ssim3d",
+]
