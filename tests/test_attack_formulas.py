@@ -1,0 +1,229 @@
+"""Formula tests: DCT, blocks, soft rounding, SSIM, CosPGD / SegPGD weights, VAFA, transfer-family equivalences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.fft
+import torch
+from monai.metrics.regression import compute_ssim_and_cs
+from torch import nn
+
+from robustseg.attacks import ATTACKS, perceptibility, ssim3d
+from robustseg.attacks.cospgd import cospgd_weights
+from robustseg.attacks.frequency import (
+    crop_to,
+    dct2,
+    dct3,
+    dct_matrix,
+    from_blocks,
+    from_blocks2d,
+    idct2,
+    idct3,
+    pad_to_multiple,
+    soft_round,
+    to_blocks,
+    to_blocks2d,
+)
+from robustseg.attacks.segpgd import segpgd_lambda, segpgd_loss
+from robustseg.attacks.targets import TARGETS
+from robustseg.attacks.vafa import rescale_axial_slices
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n", [4, 8, 32])
+def test_dct_matrix_is_orthonormal_and_matches_scipy(n):
+    m = dct_matrix(n, dtype=torch.float64)
+    torch.testing.assert_close(m @ m.T, torch.eye(n, dtype=torch.float64))
+    x = torch.rand(3, n, n, n, dtype=torch.float64)
+    torch.testing.assert_close(dct3(x, m), torch.from_numpy(scipy.fft.dctn(x.numpy(), axes=(1, 2, 3), norm="ortho")))
+    torch.testing.assert_close(dct2(x, m), torch.from_numpy(scipy.fft.dctn(x.numpy(), axes=(2, 3), norm="ortho")))
+
+
+def test_dct_round_trips():
+    m = dct_matrix(8)
+    x = torch.rand(2, 1, 16, 24, 8)
+    blocks = to_blocks(x, 8)
+    torch.testing.assert_close(idct3(dct3(blocks, m), m), blocks, rtol=0, atol=1e-5)
+    slices = to_blocks2d(x, 8)
+    torch.testing.assert_close(idct2(dct2(slices, m), m), slices, rtol=0, atol=1e-5)
+
+
+def test_block_split_merge_are_inverse_and_local():
+    x = torch.arange(2 * 3 * 16 * 24 * 8, dtype=torch.float32).reshape(2, 3, 16, 24, 8)
+    blocks = to_blocks(x, 8)
+    assert blocks.shape == (2, 3, 2, 3, 1, 8, 8, 8)
+    assert torch.equal(from_blocks(blocks), x)
+    assert torch.equal(blocks[1, 2, 1, 2, 0], x[1, 2, 8:16, 16:24, 0:8])  # block (1, 2, 0) is that cube
+    slices = to_blocks2d(x, 8)
+    assert slices.shape == (2, 3, 8, 2, 3, 8, 8)
+    assert torch.equal(from_blocks2d(slices), x)
+    assert torch.equal(slices[0, 1, 5, 1, 2], x[0, 1, 8:16, 16:24, 5])  # axial slice 5, block (1, 2)
+    with pytest.raises(ValueError, match="pad_to_multiple"):
+        to_blocks(torch.zeros(1, 1, 10, 8, 8), 8)
+
+
+def test_pad_to_multiple_and_crop():
+    x = torch.rand(1, 1, 10, 17, 8)
+    padded, size = pad_to_multiple(x, 8)
+    assert padded.shape == (1, 1, 16, 24, 8) and size == (10, 17, 8)
+    assert torch.equal(crop_to(padded, size), x)
+    padded2d, _ = pad_to_multiple(x, 8, axes=(0, 1))
+    assert padded2d.shape == (1, 1, 16, 24, 8)
+
+
+def test_soft_rounding_tends_to_hard_rounding():
+    u = torch.linspace(-3.4, 3.4, 1001, dtype=torch.float64)
+    u = u[(u - u.round()).abs() < 0.3]  # away from the .5 ties, where round itself jumps
+    errors = [(soft_round(u, a) - u.round()).abs().max().item() for a in (0.1, 1e-2, 1e-4, 1e-12)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-4  # k = ln(2/a - 1): slow in a
+    ints = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)  # continuous at the integers
+    torch.testing.assert_close(soft_round(ints - 1e-9, 0.1), soft_round(ints + 1e-9, 0.1), rtol=0, atol=1e-6)
+    v = torch.tensor([0.3, 1.7], requires_grad=True)
+    (grad,) = torch.autograd.grad(soft_round(v, 0.1).sum(), v)
+    assert (grad > 0).all()
+
+
+def test_ssim3d_matches_monai_and_is_differentiable():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 16, 20, 24)
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    expected = compute_ssim_and_cs(x, y, 3, [11] * 3, [1.5] * 3)[0].flatten(1).mean(1)
+    torch.testing.assert_close(ssim3d(x, y), expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ssim3d(x, x), torch.ones(2))
+    y.requires_grad_(True)
+    (grad,) = torch.autograd.grad(ssim3d(x, y).sum(), y)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_cospgd_weights_hand_computed():
+    # voxel 0: logits (2, 0), label 0 -> p = (e^2, 1) / (e^2 + 1); voxel 1: logits (0, 1), label 0
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 1, 2)
+    labels = torch.zeros(1, 1, 1, 1, 2, dtype=torch.long)
+    p0 = [math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)]
+    p1 = [1 / (1 + math.e), math.e / (1 + math.e)]
+    cos = [p[0] / math.hypot(*p) for p in (p0, p1)]  # cosine with the one-hot (1, 0)
+    weights = cospgd_weights(logits, labels).flatten()
+    torch.testing.assert_close(weights, torch.tensor(cos), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cospgd_weights(logits, labels, targeted=True).flatten(), 1 - torch.tensor(cos))
+    assert not cospgd_weights(logits.requires_grad_(True), labels).requires_grad  # a scale, not a gradient path
+
+
+def test_segpgd_weights_hand_computed():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 1, 2)
+    labels = torch.zeros(1, 1, 1, 1, 2, dtype=torch.long)  # voxel 0 correct, voxel 1 wrong
+    ce0, ce1 = math.log(1 + math.exp(-2)), math.log(1 + math.e)
+    assert segpgd_lambda(0, 4) == 0 and segpgd_lambda(3, 4) == pytest.approx(3 / 8)
+    lam = segpgd_lambda(1, 2)  # 1/4
+    expected = ((1 - lam) * ce0 + lam * ce1) / 2
+    assert segpgd_loss(logits, labels, lam).item() == pytest.approx(expected, rel=1e-5)
+    swapped = (lam * ce0 + (1 - lam) * ce1) / 2  # targeted: voxels not yet at the target come first
+    assert segpgd_loss(logits, labels, lam, targeted=True).item() == pytest.approx(swapped, rel=1e-5)
+
+
+def test_target_rules():
+    labels = torch.tensor([0, 1, 2, 3]).view(1, 1, 1, 1, 4)
+    assert TARGETS["background"](labels).sum() == 0
+    assert TARGETS["foreground_swap"](labels).flatten().tolist() == [0, 2, 3, 1]
+
+
+class Sensitive(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.Tanh(), nn.Conv3d(8, 3, 3, padding=1))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.mul_(10)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_vafa_fixed_tables_is_deterministic_quantisation(volume_batch):
+    """q_max == q_min: the tables cannot move, so VAFA is the model-independent hard quantisation."""
+    images, labels = volume_batch["image"], volume_batch["label"]
+    attack = ATTACKS.build({"name": "vafa", "q_max": 10, "q_min": 10, "steps": 2, "block_size": 8})
+    first = attack(Sensitive(), images, labels)
+    second = attack(nn.Conv3d(1, 3, 1), images, labels)
+    assert torch.equal(first, second)
+    m = dct_matrix(8)
+    coeffs = dct3(to_blocks(255 * images - 128, 8), m)
+    expected = ((from_blocks(idct3(torch.round(coeffs / 10) * 10, m)) + 128) / 255).clamp(0, 1)
+    torch.testing.assert_close(first, expected, rtol=0, atol=1e-5)
+
+
+def test_vafa_stats_inits_and_odd_sizes(volume_batch):
+    images, labels = volume_batch["image"][..., :12], volume_batch["label"][..., :12]  # 16 x 16 x 12: padded
+    net = Sensitive()
+    stats = {}
+    for init in ("paper", "published"):
+        attack = ATTACKS.build({"name": "vafa", "steps": 3, "block_size": 8, "init": init})
+        assert f"init={init}" in attack.describe()
+        adversarial = attack(net, images, labels)
+        assert adversarial.shape == images.shape
+        stats[init] = perceptibility(images, adversarial)
+        print(attack.describe(), stats[init])  # the perturbation statistics, shown with -s
+    assert ATTACKS.build({"name": "vafa", "init": "published"}).q_min == 5
+    for s in stats.values():
+        assert 0 < s["linf"] < 1 and s["l2"] > 0 and 0 < s["ssim"] < 1 and math.isfinite(s["psnr"])
+    assert stats["published"]["l2"] > stats["paper"]["l2"]  # starting at q_max is the coarser quantisation
+
+
+def test_vafa_more_steps_raise_the_loss_more(volume_batch):
+    images, labels = volume_batch["image"], volume_batch["label"]
+    net = Sensitive()
+    losses = []
+    for steps in (1, 5):
+        adversarial = ATTACKS.build({"name": "vafa", "steps": steps, "block_size": 8})(net, images, labels)
+        with torch.no_grad():
+            losses.append(nn.functional.cross_entropy(net(adversarial), labels[:, 0]).item())
+    assert losses[1] > losses[0]
+
+
+def test_rescale_axial_slices_is_safe_on_constant_slices():
+    x = torch.rand(1, 1, 4, 4, 3) * 0.5 + 0.2
+    x[..., 1] = 0.7  # a constant slice: the published code divides by zero here
+    out = rescale_axial_slices(x)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[..., 1], x[..., 1])
+    assert out[..., 0].min() == 0 and out[..., 0].max() == 1
+    vafa = ATTACKS.build({"name": "vafa", "steps": 1, "block_size": 4, "rescale_slices": True})
+    assert torch.isfinite(vafa(nn.Conv3d(1, 2, 1), x, torch.zeros(1, 1, 4, 4, 3, dtype=torch.long))).all()
+
+
+def test_mi_fgsm_without_momentum_is_bim(tiny_net, volume_batch):
+    images, labels = volume_batch["image"], volume_batch["label"]
+    common = {"eps": "8/255", "step_size": "2/255", "steps": 3, "random_start": False}
+    mi = ATTACKS.build({"name": "mi_fgsm", "decay": 0.0, **common})
+    bim = ATTACKS.build({"name": "bim", **common})
+    torch.testing.assert_close(mi(tiny_net, images, labels), bim(tiny_net, images, labels), rtol=0, atol=1e-6)
+
+
+def test_di_fgsm_without_diversity_is_bim_and_seeded(tiny_net, volume_batch):
+    images, labels = volume_batch["image"], volume_batch["label"]
+    common = {"eps": "8/255", "step_size": "2/255", "steps": 3, "random_start": False}
+    plain = ATTACKS.build({"name": "di_fgsm", "diversity_prob": 0.0, **common})
+    bim = ATTACKS.build({"name": "bim", **common})
+    torch.testing.assert_close(plain(tiny_net, images, labels), bim(tiny_net, images, labels), rtol=0, atol=1e-6)
+    diverse = ATTACKS.build({"name": "di_fgsm", "diversity_prob": 1.0, "resize_rate": 0.7, "seed": 3, **common})
+    first = diverse(tiny_net, images, labels)
+    assert torch.equal(first, diverse(tiny_net, images, labels))
+    assert not torch.equal(first, bim(tiny_net, images, labels))
+
+
+def test_vmi_fgsm_forward_count(volume_batch):
+    calls = []
+    net = nn.Conv3d(1, 3, 1)
+    net.register_forward_hook(lambda *_: calls.append(1))
+    attack = ATTACKS.build({"name": "vmi_fgsm", "steps": 3, "n_samples": 4, "seed": 0})
+    attack(net, volume_batch["image"], volume_batch["label"])
+    assert len(calls) == 3 * (1 + 4)
