@@ -135,7 +135,6 @@ class SlidingWindowModel(nn.Module):
         padded, pad = _pad_to_roi(x, self.roi)  # (B, C, D', H', W')
         grad_padded = F.pad(grad_logits, pad) if any(pad) else grad_logits  # (B, K, D', H', W')
         slices, importance, count = self.windows(padded.shape[2:], padded)
-        share = grad_padded / count  # (B, K, D', H', W'): upstream gradient over the summed blending weights
         grad_x = torch.zeros_like(padded)
         # MONAI's window order: all windows of image 0, then of image 1, ...
         order = [(b, w) for b in range(x.shape[0]) for w in slices]
@@ -145,7 +144,9 @@ class SlidingWindowModel(nn.Module):
                 index = [(slice(b, b + 1), slice(None), *w) for b, w in batch]
                 windows = torch.cat([padded[i] for i in index]).detach().requires_grad_(True)  # (n, C, *roi)
                 logits = self.model(windows)  # (n, K, *roi)
-                upstream = torch.cat([share[i] for i in index]) * importance  # (n, K, *roi)
+                # upstream gradient over the summed blending weights, times this window's weights: (n, K, *roi)
+                upstream = torch.cat([grad_padded[i] / count[(slice(None), slice(None), *i[2:])] for i in index])
+                upstream = upstream * importance
                 (grad_windows,) = torch.autograd.grad(logits, windows, upstream)
                 for i, g in zip(index, grad_windows):
                     grad_x[i] += g[None]
