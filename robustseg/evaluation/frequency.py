@@ -33,16 +33,26 @@ except ImportError:  # pragma: no cover - only before robustseg.attacks.frequenc
 
 def dct_volume(x: Tensor) -> Tensor:
     """Separable orthonormal 3D DCT of a (..., D, H, W) tensor over its last three axes (float64)."""
-    d, h, w = x.shape[-3:]
-    md, mh, mw = (dct_matrix(n, dtype=torch.float64, device=x.device) for n in (d, h, w))
-    return torch.einsum("ai,bj,ck,...ijk->...abc", md, mh, mw, x.double())  # (..., D, H, W)
+    return _separable(x, transpose=False)
 
 
 def idct_volume(c: Tensor) -> Tensor:
     """Inverse of :func:`dct_volume`."""
-    d, h, w = c.shape[-3:]
-    md, mh, mw = (dct_matrix(n, dtype=torch.float64, device=c.device) for n in (d, h, w))
-    return torch.einsum("ai,bj,ck,...abc->...ijk", md, mh, mw, c.double())  # (..., D, H, W)
+    return _separable(c, transpose=True)
+
+
+def _separable(x: Tensor, transpose: bool) -> Tensor:
+    """Apply the 1D DCT matrix (or its transpose) along each of the last three axes, one axis at a time.
+
+    One axis at a time keeps memory at the size of the volume; a single three-matrix einsum may materialise a
+    (D, H, W, D, H, W) intermediate.
+    """
+    out = x.double()
+    for axis in (-3, -2, -1):
+        m = dct_matrix(out.shape[axis], dtype=torch.float64, device=x.device)  # (n, n)
+        m = m.T if transpose else m
+        out = torch.movedim(torch.tensordot(out, m, dims=([axis], [1])), -1, axis)  # same shape as x
+    return out
 
 
 def frequency_radius(shape: Sequence[int], device: torch.device | None = None) -> Tensor:

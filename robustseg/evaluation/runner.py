@@ -183,9 +183,7 @@ class Evaluator:
 
     def craft(self, source: LoadedModel, spec: AttackSpec, image: Tensor, label: Tensor, seed: int) -> Tensor:
         """The adversarial (1, C, D, H, W) volume of ``spec`` against ``source``."""
-        craft_fn = self.craft_fn
-        if craft_fn is None:
-            from robustseg.attacks import attack_volume as craft_fn
+        craft_fn = self.craft_fn or _attack_volume()
         torch.manual_seed(seed)
         counter = self.counters[source.label]
         return craft_fn(
@@ -359,6 +357,40 @@ class Evaluator:
         clean = self.predict(source, image).argmax(1)
         adv = self.predict(source, adversarial).argmax(1)
         self.flags.append(checks.check_eps_zero(f"{source.label}/{spec.label}", image, adversarial, clean, adv))
+
+
+def _attack_volume() -> Callable[..., Tensor]:
+    """``robustseg.attacks.attack_volume``; until it exists, an exact pipeline-mode stand-in."""
+    try:
+        from robustseg.attacks import attack_volume
+    except ImportError:
+        log.warning("robustseg.attacks.attack_volume is missing: attacking through the sliding window directly")
+        return _pipeline_attack
+    return attack_volume
+
+
+class _Windowed(nn.Module):
+    """A network seen through sliding-window inference: the scoring pipeline as one differentiable model."""
+
+    def __init__(self, net: nn.Module, roi: Sequence[int], sw_batch_size: int, overlap: float, blend: str) -> None:
+        super().__init__()
+        self.net, self.roi, self.sw_batch_size, self.overlap, self.blend = (
+            net,
+            tuple(roi),
+            sw_batch_size,
+            overlap,
+            blend,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sliding_window_inference(x, self.roi, self.sw_batch_size, self.net, self.overlap, self.blend)
+
+
+def _pipeline_attack(attack: Any, model: nn.Module, image: Tensor, label: Tensor, **kw: Any) -> Tensor:
+    if kw["mode"] != "pipeline":
+        raise NotImplementedError("attack_mode=tiles needs robustseg.attacks.attack_volume")
+    windowed = _Windowed(model, kw["roi_size"], kw["sw_batch_size"], kw["overlap"], kw["blend_mode"])
+    return attack(windowed, image, label)
 
 
 def _affine(image: Any) -> np.ndarray:

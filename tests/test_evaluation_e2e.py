@@ -1,0 +1,145 @@
+"""End-to-end ``evaluate(cfg)`` on synthetic NIfTI with two tiny models (white-box, transfer, resume, shards)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from robustseg.config import load_config
+from robustseg.errors import CheckpointError
+from robustseg.evaluation import evaluate
+from robustseg.evaluation.records import read_records
+from robustseg.evaluation.resolve import load_checkpoint, resolve_model
+from robustseg.evaluation.shard import log_path
+from robustseg.models import TINY
+from robustseg.systems import SegmentationSystem
+
+SIZE = 32
+
+
+def make_run(runs_root: Path, name: str, model: str, data_root: Path, num_classes: int = 3, seed: int = 0) -> Path:
+    """A run directory as ``train(cfg)`` leaves it: config.yaml and checkpoints/best.ckpt of a tiny system."""
+    torch.manual_seed(seed)
+    model_cfg = {"name": model, "in_channels": 1, "out_channels": num_classes, **TINY[model]}
+    model_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in model_cfg.items()}
+    classes = ["background", "organ1", "organ2", "organ3"][:num_classes]
+    config = {
+        "model": model_cfg,
+        "data": {"name": "synthetic", "root": str(data_root), "num_classes": num_classes},
+        "choices": {"model": model, "data": "synthetic"},
+    }
+    system = SegmentationSystem(
+        model=model_cfg, num_classes=num_classes, class_names=classes, roi_size=[SIZE] * 3, config=config
+    )
+    run = runs_root / name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    ckpt = {"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}
+    torch.save(ckpt, run / "checkpoints" / "best.ckpt")
+    return run
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    make_run(root / "runs", "unet-synthetic", "unet", root / "data")
+    make_run(root / "runs", "segresnet-synthetic", "segresnet", root / "data", seed=1)
+    return root
+
+
+def eval_cfg(root: Path, out: Path, *args: str):
+    return load_config(
+        "evaluate",
+        [
+            "data=synthetic",
+            "logger=none",
+            f"data.root={root / 'data'}",
+            "data.prepare.num_cases=5",
+            "data.prepare.num_validation=3",
+            f"data.prepare.size=[{SIZE},{SIZE},{SIZE}]",
+            f"data.roi_size=[{SIZE},{SIZE},{SIZE}]",
+            f"runs_root={root / 'runs'}",
+            f"output_dir={out}",
+            "attacks=[fgsm,pgd]",
+            "+attack_overrides.pgd.steps=2",
+            "eps=[2/255,8/255]",
+            *args,
+        ],
+    )
+
+
+def test_whitebox_and_transfer_end_to_end(workspace):
+    out = workspace / "out_transfer"
+    evaluate(eval_cfg(workspace, out, "--source", "unet", "--target", "segresnet,unet", "max_cases=2"))
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    keys = {(r["source"], r["target"], r["attack"], r["budget"]) for r in rows}
+    for target in ("segresnet", "unet"):
+        assert ("", target, "clean", "0") in keys
+        for attack in ("fgsm", "pgd"):
+            for budget in ("2/255", "8/255"):
+                assert ("unet", target, attack, budget) in keys
+        assert ("unet", target, "worst", "all") in keys
+    assert (out / "report.md").read_text().count("Transfer matrix") == 1
+    assert (out / "dice_vs_budget.png").stat().st_size > 0 and (out / "transfer_heatmap.png").stat().st_size > 0
+    assert list((out / "montages").glob("*.png"))
+    summary = json.loads((out / "summary.json").read_text())
+    # crafted once per (source, attack, budget, case), never per target: 1 source x 4 x 2 cases
+    assert summary["stats"]["attack generations (this run)"] == 8
+    flags = {f["name"] for f in summary["flags"]}
+    assert {"eps_zero", "determinism", "gradients", "budget", "store", "monotonic"} <= flags
+    assert not any(f["raised"] for f in summary["flags"] if f["name"] in ("eps_zero", "budget", "store"))
+    # rerun: everything is skipped, nothing is crafted again
+    evaluate(eval_cfg(workspace, out, "--source", "unet", "--target", "segresnet,unet", "max_cases=2"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stats"]["attack generations (this run)"] == 0
+    assert len(read_records(log_path(out, 0, 1))) == 2 * 2 + 2 * 2 * 4
+
+
+def test_resume_after_kill_and_shards(workspace):
+    out = workspace / "out_whitebox"
+    args = ("--target", "unet", "attacks=[fgsm]")
+    evaluate(eval_cfg(workspace, out, *args))
+    path = log_path(out, 0, 1)
+    full = read_records(path)
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-3]) + lines[-3][: len(lines[-3]) // 2])  # kill -9 mid-line, tail lost
+    evaluate(eval_cfg(workspace, out, *args))
+    resumed = read_records(path)
+    key = lambda r: (r["source"], r["target"], r["attack"], r["budget"], r["case_id"])  # noqa: E731
+    assert sorted(map(key, resumed)) == sorted(map(key, full))
+    # the same evaluation in two shards, merged, gives the same records
+    sharded = workspace / "out_sharded"
+    for i in range(2):
+        evaluate(eval_cfg(workspace, sharded, *args, f"shard={i}/2"))
+    evaluate(eval_cfg(workspace, sharded, *args, "shard=0/2", "merge=true"))
+    rows = list(csv.DictReader((sharded / "summary.csv").open()))
+    clean = next(r for r in rows if r["attack"] == "clean")
+    assert int(clean["n_cases"]) == 3
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(workspace, tmp_path):
+    run = make_run(tmp_path / "runs", "four-classes", "unet", workspace / "data", num_classes=4)
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    ckpt["hyper_parameters"]["model"]["out_channels"] = 3  # weights of a 4-class net, loaded as 3 classes
+    torch.save(ckpt, run / "checkpoints" / "best.ckpt")
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*\(4,"):
+        load_checkpoint(run / "checkpoints" / "best.ckpt")
+    other = make_run(tmp_path / "runs", "segresnet-as-unet", "segresnet", workspace / "data")
+    ckpt = torch.load(other / "checkpoints" / "best.ckpt", weights_only=False)
+    ckpt["hyper_parameters"]["model"] = {"name": "unet", "in_channels": 1, "out_channels": 3, **TINY["unet"]}
+    torch.save(ckpt, other / "checkpoints" / "best.ckpt")
+    with pytest.raises(CheckpointError, match="missing from the checkpoint"):
+        resolve_model(str(other), tmp_path / "runs", ["synthetic"])
+
+
+def test_label_set_mismatch_fails_clearly(workspace, tmp_path):
+    make_run(workspace / "runs4", "unet4", "unet", workspace / "data", num_classes=4)
+    cfg = eval_cfg(workspace, tmp_path / "o", "--target", "unet", f"runs_root={workspace / 'runs4'}")
+    with pytest.raises(CheckpointError, match="4 classes but the data has 3"):
+        evaluate(cfg)
