@@ -245,7 +245,8 @@ def _load(conf_dir: Path, group: str, option: str) -> DictConfig:
         options = sorted(p.stem for p in path.parent.glob("*.yaml"))
         if group != EXPERIMENT:
             options.append("none")
-        raise ConfigError(_unknown(f"{group} option", option, options))
+        hint = " (--adv also takes vaft: VAFA with the VAFT objective)" if group == "attack" else ""
+        raise ConfigError(_unknown(f"{group} option", option, options) + hint)
     loaded = OmegaConf.load(path)
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path} must hold a mapping, got {type(loaded).__name__}")

@@ -14,7 +14,7 @@ from monai.optimizers import WarmupCosineSchedule
 from torch import Tensor, nn
 from torchmetrics.segmentation import DiceScore
 
-from robustseg.attacks import ATTACKS
+from robustseg.attacks import ATTACKS, attack_volume
 from robustseg.models import MODELS
 from robustseg.systems.adversarial import ADV_MODES, AttackView, frequency_consistency
 from robustseg.systems.images import slice_panel
@@ -142,10 +142,8 @@ class SegmentationSystem(L.LightningModule):
         )
 
     def _attacked_prediction(self, images: Tensor, labels: Tensor) -> Tensor:
-        from robustseg.attacks import attack_volume  # noqa: PLC0415  (TODO: top-level once exported)
-
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("system.val_attack needs gradients: the Trainer must be built with inference_mode=False")
+        """Prediction on the volume attacked through the scoring sliding window (needs autograd: the attack
+        raises under ``torch.inference_mode``, so ``train`` builds the Trainer with ``inference_mode=False``)."""
         adversarial = attack_volume(
             self.val_attack,
             self.net,
