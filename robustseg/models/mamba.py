@@ -51,8 +51,8 @@ def fused_available() -> bool:
 
 def _prepare(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, delta_bias: Tensor | None, delta_softplus: bool
-) -> tuple[Tensor, Tensor]:
-    """Discretise, time first: returns the log decay ``delta A`` and the drive ``delta B u``, both (l, b, d, n)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Discretise, time first: ``delta`` (l, b, d), log decay ``delta A`` and drive ``delta B u``, both (l, b, d, n)."""
     if delta_bias is not None:
         delta = delta + delta_bias[None, :, None]
     if delta_softplus:
@@ -60,12 +60,12 @@ def _prepare(
     delta_t = delta.permute(2, 0, 1)  # (l, b, d)
     log_decay = delta_t[..., None] * A  # (l, b, d, n), <= 0 for A < 0
     drive = (delta_t * u.permute(2, 0, 1))[..., None] * B.permute(2, 0, 1)[:, :, None, :]  # (l, b, d, n)
-    return log_decay, drive
+    return delta_t, log_decay, drive
 
 
-def _finish(h: Tensor, C: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
-    """Read out ``<C_t, h_t>`` from states (l, b, d, n), add ``D u``, gate by ``silu(z)``; returns (b, d, l)."""
-    y = (h * C.permute(2, 0, 1)[:, :, None, :]).sum(-1).permute(1, 2, 0)  # (l, b, d) -> (b, d, l)
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """From ``<C_t, h_t>`` laid out (l, b, d): add ``D u``, gate by ``silu(z)``; returns (b, d, l)."""
+    y = y.permute(1, 2, 0)  # (b, d, l)
     if D is not None:
         y = y + D[None, :, None] * u
     if z is not None:
@@ -100,13 +100,13 @@ def selective_scan_sequential(
     Returns:
         y (b, d, l).
     """
-    log_decay, drive = _prepare(u, delta, A, B, delta_bias, delta_softplus)
+    _, log_decay, drive = _prepare(u, delta, A, B, delta_bias, delta_softplus)
     h = torch.zeros_like(drive[0])  # (b, d, n)
-    states = []
-    for log_decay_t, drive_t in zip(log_decay.unbind(0), drive.unbind(0)):  # unbind: O(l) backward, unlike [t]
+    ys = []
+    for log_decay_t, drive_t, c_t in zip(log_decay.unbind(0), drive.unbind(0), C.unbind(2)):  # unbind: O(l) backward
         h = torch.exp(log_decay_t) * h + drive_t  # (b, d, n)
-        states.append(h)
-    return _finish(torch.stack(states), C, u, D, z)
+        ys.append((h * c_t[:, None, :]).sum(-1))  # (b, d)
+    return _finish(torch.stack(ys), u, D, z)
 
 
 def linear_scan(decay: Tensor, drive: Tensor, chunk_size: int = 32) -> Tensor:
@@ -166,9 +166,42 @@ def selective_scan(
     delta_softplus: bool = False,
     chunk_size: int = 32,
 ) -> Tensor:
-    """Parallel selective scan in pure PyTorch; arguments and result as :func:`selective_scan_sequential`."""
-    log_decay, drive = _prepare(u, delta, A, B, delta_bias, delta_softplus)
-    return _finish(linear_scan(torch.exp(log_decay), drive, chunk_size), C, u, D, z)
+    """Parallel selective scan in pure PyTorch; arguments and result as :func:`selective_scan_sequential`.
+
+    Two passes over chunks of ``chunk_size`` positions, each a loop over the positions of a chunk vectorised over
+    all chunks: the first finds every chunk's end state from a zero start; the chunk-level recurrence (decay of a
+    whole chunk ``exp(A sum(delta))``, from the small (c, b, d) sums of ``delta``) gives each chunk's true initial
+    state through :func:`linear_scan`; the second pass rescans from those states and reads ``<C_t, h_t>`` out as
+    it goes, so no (l, b, d, n) state tensor is stacked.
+    """
+    delta_t, log_decay, drive = _prepare(u, delta, A, B, delta_bias, delta_softplus)
+    length, bs, d, n = drive.shape
+    chunks = math.ceil(length / chunk_size)
+    pad = chunks * chunk_size - length
+    C_t = C.permute(2, 0, 1)  # (l, b, n)
+    if pad:  # padded steps come after the data (zero decay exponent, zero drive): no real state changes
+        log_decay = torch.cat([log_decay, log_decay.new_zeros(pad, bs, d, n)])
+        drive = torch.cat([drive, drive.new_zeros(pad, bs, d, n)])
+        delta_t = torch.cat([delta_t, delta_t.new_zeros(pad, bs, d)])
+        C_t = torch.cat([C_t, C_t.new_zeros(pad, bs, n)])
+    decay = torch.exp(log_decay).reshape(chunks, chunk_size, bs, d, n)  # (c, T, b, d, n), in [0, 1]
+    drive = drive.reshape(chunks, chunk_size, bs, d, n)  # (c, T, b, d, n)
+    C_t = C_t.reshape(chunks, chunk_size, bs, 1, n)  # (c, T, b, 1, n)
+    steps = list(zip(decay.unbind(1), drive.unbind(1)))  # per position in the chunk: (c, b, d, n) each
+
+    h = torch.zeros_like(drive[:, 0])  # (c, b, d, n)
+    if chunks > 1:
+        for decay_s, drive_s in steps:  # pass 1: chunk-end states from a zero start
+            h = torch.addcmul(drive_s, decay_s, h)
+        chunk_decay = torch.exp(delta_t.reshape(chunks, chunk_size, bs, d).sum(1)[..., None] * A)  # (c, b, d, n)
+        ends = linear_scan(chunk_decay, h, chunk_size)  # true state at each chunk's end (c, b, d, n)
+        h = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])  # state entering each chunk (c, b, d, n)
+    ys = []
+    for (decay_s, drive_s), c_s in zip(steps, C_t.unbind(1)):  # pass 2: states and read-out
+        h = torch.addcmul(drive_s, decay_s, h)
+        ys.append((h * c_s).sum(-1))  # (c, b, d)
+    y = torch.stack(ys, dim=1).reshape(chunks * chunk_size, bs, d)[:length]  # (l, b, d)
+    return _finish(y, u, D, z)
 
 
 class Mamba(nn.Module):
