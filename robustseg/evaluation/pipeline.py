@@ -129,8 +129,10 @@ def evaluate(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     montage_cases = set(mine[: int(cfg.get("montage_cases", 1))])
 
+    last_budget = {s.label: s.budget for s in suite}  # one montage per attack: its largest (last) budget
+
     def montage(src, tgt, spec, case_id, *volumes) -> None:
-        if case_id in montage_cases:
+        if case_id in montage_cases and spec.budget == last_budget[spec.label]:
             name = f"{case_id}_{src.label}_to_{tgt.label}_{spec.label}.png"
             title = f"{spec.label}@{spec.budget} from {src.label} on {tgt.label}, case {case_id}"
             save_montage(out / "montages" / re.sub(r"[^A-Za-z0-9_.@-]+", "_", name), *volumes, title=title)

@@ -220,8 +220,8 @@ class Evaluator:
 
     def run_case(self, case: Mapping[str, Any], with_checks: bool = False) -> None:
         case_id = str(case["case_id"])
-        image = torch.as_tensor(case["image"]).float()[None]  # (1, C, D, H, W), metadata dropped
-        label = torch.as_tensor(case["label"]).long()[None]  # (1, 1, D, H, W)
+        image = _plain(case["image"]).float()[None]  # (1, C, D, H, W)
+        label = _plain(case["label"]).long()[None]  # (1, 1, D, H, W)
         affine = _affine(case["image"])
         spacing = _spacing(case["image"], affine)
         todo = [k for k in self.keys(case_id) if not self.log.done(k)]
@@ -391,6 +391,12 @@ def _pipeline_attack(attack: Any, model: nn.Module, image: Tensor, label: Tensor
         raise NotImplementedError("attack_mode=tiles needs robustseg.attacks.attack_volume")
     windowed = _Windowed(model, kw["roi_size"], kw["sw_batch_size"], kw["overlap"], kw["blend_mode"])
     return attack(windowed, image, label)
+
+
+def _plain(x: Any) -> Tensor:
+    """A plain tensor: MetaTensor's per-op metadata tracking would dominate the cost of scoring."""
+    x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    return x.detach().clone()
 
 
 def _affine(image: Any) -> np.ndarray:
