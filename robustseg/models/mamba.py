@@ -11,14 +11,16 @@ The selective scan is the recurrence, per batch ``b``, channel ``d`` and state `
 It runs three ways, chosen per call by ``Mamba.scan``:
 
 * ``"chunked"`` (default without CUDA kernels): :func:`selective_scan`, parallel over the sequence. The sequence
-  is cut into chunks of ``chunk_size``; all chunks are scanned at once (a loop over the ``chunk_size`` positions,
-  each step vectorised over every chunk); the chunk-end states are combined by the same scan, recursively, over
-  the (much shorter) sequence of chunks; each position then adds its carry-in state times its decay since the
-  chunk start, ``exp(cumsum(delta A))``. Every exponent is a sum of ``delta A <= 0``, so nothing can overflow,
-  and the work is O(L) like the loop (a segment-sum matrix would cost ``chunk_size`` times more, because
-  Mamba-1's decay differs per channel and state).
+  is cut into chunks of ``chunk_size``; a first pass scans all chunks at once from a zero state (a loop over the
+  ``chunk_size`` positions, each step vectorised over every chunk); the chunk-end states are combined by the
+  chunk-level recurrence (a whole chunk decays by ``exp(A * sum(delta))``, a cumulative sum of log decay) through
+  :func:`linear_scan`, recursively over the much shorter sequence of chunks; a second pass rescans every chunk
+  from its true initial state and reads ``<C_t, h_t>`` out as it goes. Every decay is ``exp`` of a non-positive
+  number, so nothing can overflow; the work is O(L) like the loop. A segment-sum (attention-like) form would cost
+  ``chunk_size`` times more here, because Mamba-1's decay differs per channel and per state.
 * ``"sequential"``: :func:`selective_scan_sequential`, a Python loop over time; the reference for tests.
-* ``"fused"``: ``mamba_ssm``'s CUDA kernels, used by ``"auto"`` when the package imports and the input is on CUDA.
+* ``"fused"``: ``mamba_ssm``'s CUDA kernels (``mamba_inner_fn`` when ``causal_conv1d`` is also installed, else
+  ``selective_scan_fn``), used by ``"auto"`` when the package imports and the input is on CUDA.
 """
 
 from __future__ import annotations
