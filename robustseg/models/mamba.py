@@ -53,8 +53,8 @@ def fused_available() -> bool:
 
 def _prepare(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, delta_bias: Tensor | None, delta_softplus: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Discretise, time first: ``delta`` (l, b, d), log decay ``delta A`` and drive ``delta B u``, both (l, b, d, n)."""
+) -> tuple[Tensor, Tensor]:
+    """Discretise, time first: log decay ``delta A`` and drive ``delta B u``, both (l, b, d, n)."""
     if delta_bias is not None:
         delta = delta + delta_bias[None, :, None]
     if delta_softplus:
@@ -62,12 +62,11 @@ def _prepare(
     delta_t = delta.permute(2, 0, 1)  # (l, b, d)
     log_decay = delta_t[..., None] * A  # (l, b, d, n), <= 0 for A < 0
     drive = (delta_t * u.permute(2, 0, 1))[..., None] * B.permute(2, 0, 1)[:, :, None, :]  # (l, b, d, n)
-    return delta_t, log_decay, drive
+    return log_decay, drive
 
 
 def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
-    """From ``<C_t, h_t>`` laid out (l, b, d): add ``D u``, gate by ``silu(z)``; returns (b, d, l)."""
-    y = y.permute(1, 2, 0)  # (b, d, l)
+    """From ``<C_t, h_t>`` (b, d, l): add ``D u``, gate by ``silu(z)``; returns (b, d, l)."""
     if D is not None:
         y = y + D[None, :, None] * u
     if z is not None:
@@ -102,13 +101,13 @@ def selective_scan_sequential(
     Returns:
         y (b, d, l).
     """
-    _, log_decay, drive = _prepare(u, delta, A, B, delta_bias, delta_softplus)
+    log_decay, drive = _prepare(u, delta, A, B, delta_bias, delta_softplus)
     h = torch.zeros_like(drive[0])  # (b, d, n)
     ys = []
     for log_decay_t, drive_t, c_t in zip(log_decay.unbind(0), drive.unbind(0), C.unbind(2)):  # unbind: O(l) backward
         h = torch.exp(log_decay_t) * h + drive_t  # (b, d, n)
         ys.append((h * c_t[:, None, :]).sum(-1))  # (b, d)
-    return _finish(torch.stack(ys), u, D, z)
+    return _finish(torch.stack(ys, dim=-1), u, D, z)
 
 
 def linear_scan(decay: Tensor, drive: Tensor, chunk_size: int = 32) -> Tensor:
@@ -176,33 +175,36 @@ def selective_scan(
     state through :func:`linear_scan`; the second pass rescans from those states and reads ``<C_t, h_t>`` out as
     it goes, so no (l, b, d, n) state tensor is stacked.
     """
-    delta_t, log_decay, drive = _prepare(u, delta, A, B, delta_bias, delta_softplus)
-    length, bs, d, n = drive.shape
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    bs, d, length = u.shape
     chunks = math.ceil(length / chunk_size)
-    pad = chunks * chunk_size - length
-    C_t = C.permute(2, 0, 1)  # (l, b, n)
-    if pad:  # padded steps come after the data (zero decay exponent, zero drive): no real state changes
-        log_decay = torch.cat([log_decay, log_decay.new_zeros(pad, bs, d, n)])
-        drive = torch.cat([drive, drive.new_zeros(pad, bs, d, n)])
-        delta_t = torch.cat([delta_t, delta_t.new_zeros(pad, bs, d)])
-        C_t = torch.cat([C_t, C_t.new_zeros(pad, bs, n)])
-    decay = torch.exp(log_decay).reshape(chunks, chunk_size, bs, d, n)  # (c, T, b, d, n), in [0, 1]
-    drive = drive.reshape(chunks, chunk_size, bs, d, n)  # (c, T, b, d, n)
-    C_t = C_t.reshape(chunks, chunk_size, bs, 1, n)  # (c, T, b, 1, n)
-    steps = list(zip(decay.unbind(1), drive.unbind(1)))  # per position in the chunk: (c, b, d, n) each
+    pad = chunks * chunk_size - length  # padded steps come last, with delta = 0 and u = 0: no real state changes
 
-    h = torch.zeros_like(drive[:, 0])  # (c, b, d, n)
+    def by_position(x: Tensor) -> Tensor:
+        """(b, k, l) -> (T, c, b, k): position in the chunk first, so every loop step reads contiguous memory."""
+        x = F.pad(x, (0, pad)).reshape(bs, x.shape[1], chunks, chunk_size)  # (b, k, c, T)
+        return x.permute(3, 2, 0, 1).contiguous()  # (T, c, b, k); small (no state dim) so the copy is cheap
+
+    delta_p = by_position(delta)  # (T, c, b, d)
+    decay = torch.exp(delta_p[..., None] * A)  # (T, c, b, d, n), in [0, 1]
+    drive = (delta_p * by_position(u))[..., None] * by_position(B)[:, :, :, None, :]  # delta B u (T, c, b, d, n)
+    steps = list(zip(decay.unbind(0), drive.unbind(0)))  # per position in the chunk: (c, b, d, n) each
+
+    h = torch.zeros_like(drive[0])  # (c, b, d, n)
     if chunks > 1:
         for decay_s, drive_s in steps:  # pass 1: chunk-end states from a zero start
             h = torch.addcmul(drive_s, decay_s, h)
-        chunk_decay = torch.exp(delta_t.reshape(chunks, chunk_size, bs, d).sum(1)[..., None] * A)  # (c, b, d, n)
+        chunk_decay = torch.exp(delta_p.sum(0)[..., None] * A)  # a whole chunk's decay (c, b, d, n)
         ends = linear_scan(chunk_decay, h, chunk_size)  # true state at each chunk's end (c, b, d, n)
         h = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])  # state entering each chunk (c, b, d, n)
     ys = []
-    for (decay_s, drive_s), c_s in zip(steps, C_t.unbind(1)):  # pass 2: states and read-out
+    for (decay_s, drive_s), c_s in zip(steps, by_position(C)[:, :, :, None, :].unbind(0)):  # pass 2: read out
         h = torch.addcmul(drive_s, decay_s, h)
         ys.append((h * c_s).sum(-1))  # (c, b, d)
-    y = torch.stack(ys, dim=1).reshape(chunks * chunk_size, bs, d)[:length]  # (l, b, d)
+    y = torch.stack(ys).permute(2, 3, 1, 0).reshape(bs, d, chunks * chunk_size)[..., :length]  # (b, d, l)
     return _finish(y, u, D, z)
 
 
