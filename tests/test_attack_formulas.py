@@ -227,3 +227,21 @@ def test_vmi_fgsm_forward_count(volume_batch):
     attack = ATTACKS.build({"name": "vmi_fgsm", "steps": 3, "n_samples": 4, "seed": 0})
     attack(net, volume_batch["image"], volume_batch["label"])
     assert len(calls) == 3 * (1 + 4)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 6, 5, 4), (1, 14, 4, 4, 4)])
+def test_fused_dice_ce_equals_monai(shape):
+    """The memory-light DiceCE has MONAI DiceCELoss(to_onehot_y, softmax)'s value and gradient (absent classes too)."""
+    from monai.losses import DiceCELoss
+
+    from robustseg.attacks.losses import dice_ce
+
+    torch.manual_seed(0)
+    logits = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]))
+    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, labels)
+    value = dice_ce(logits, labels)
+    torch.testing.assert_close(value, expected)
+    (grad,) = torch.autograd.grad(value, logits)
+    (grad_ref,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, grad_ref)

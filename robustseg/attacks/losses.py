@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceLoss
 from torch import Tensor
 
 from robustseg.errors import ConfigError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-# The papers' attack loss: MONAI DiceCE with one-hot labels and softmax logits (Hanif et al.; Malik et al.).
-_DICE_CE = DiceCELoss(to_onehot_y=True, softmax=True)
 _DICE = DiceLoss(to_onehot_y=True, softmax=True)
 
 
@@ -25,9 +24,57 @@ def ce(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels[:, 0])
 
 
+SMOOTH = 1e-5  # MONAI DiceLoss smooth_nr = smooth_dr
+
+
+class _DiceCE(torch.autograd.Function):
+    """MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)`` with a hand-written backward that keeps few volumes.
+
+    Autograd through MONAI's loss saves softmax, one-hot, log-softmax and products, each ``(B, K, D, H, W)``; on a
+    whole volume (pipeline attacks) those dominate memory. This saves only the logits and per-class sums and
+    recomputes the softmax in the backward, working in place. Value and gradient equal MONAI's (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
+        bs, k = logits.shape[:2]
+        flat_labels = labels.reshape(bs, 1, -1)  # (B, 1, V)
+        log_probs = logits.reshape(bs, k, -1).log_softmax(dim=1)  # (B, K, V)
+        ce = -log_probs.gather(1, flat_labels).mean()
+        probs = log_probs.exp_()  # in place: (B, K, V)
+        pred = probs.sum(dim=2)  # (B, K)
+        inter = torch.zeros_like(pred).scatter_add_(1, flat_labels[:, 0], probs.gather(1, flat_labels)[:, 0])
+        ground = torch.zeros_like(pred).scatter_add_(1, flat_labels[:, 0], torch.ones_like(probs[:, 0]))
+        denominator = pred + ground + SMOOTH  # (B, K)
+        dice = (1.0 - (2.0 * inter + SMOOTH) / denominator).mean()
+        ctx.save_for_backward(logits, labels, inter, denominator)
+        return dice + ce
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        logits, labels, inter, denominator = ctx.saved_tensors
+        bs, k = logits.shape[:2]
+        flat_labels = labels.reshape(bs, 1, -1)  # (B, 1, V)
+        probs = logits.reshape(bs, k, -1).softmax(dim=1)  # (B, K, V)
+        voxels = probs.shape[2]
+        # d dice / d p_v = [(2I + s) / den^2 - 2 g_v / den] / (B K)
+        a = ((2.0 * inter + SMOOTH) / denominator**2 / (bs * k))[..., None]  # (B, K, 1)
+        b = (2.0 / denominator / (bs * k))[..., None]  # (B, K, 1)
+        d = a.expand_as(probs).clone()  # (B, K, V)
+        d.scatter_add_(1, flat_labels, -b.expand(-1, -1, voxels).gather(1, flat_labels))  # -2 / den at the label
+        # through the softmax: p * (d - sum_k p_k d_k); CE adds (p - onehot) / (B V)
+        d.sub_(torch.einsum("bkv,bkv->bv", probs, d)[:, None]).mul_(probs)
+        d.add_(probs, alpha=1.0 / (bs * voxels))
+        d.scatter_add_(1, flat_labels, torch.full_like(flat_labels, -1.0 / (bs * voxels), dtype=d.dtype))
+        return (d.mul_(grad_out)).reshape(logits.shape), None
+
+
 def dice_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)``: soft Dice plus cross-entropy, as in the papers."""
-    return _DICE_CE(logits, labels)
+    """MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)``: soft Dice plus cross-entropy, as in the papers.
+
+    Computed by a memory-light fused function with the same value and gradient (``_DiceCE``).
+    """
+    return _DiceCE.apply(logits, labels.long())
 
 
 def dice(logits: Tensor, labels: Tensor) -> Tensor:
