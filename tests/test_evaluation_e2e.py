@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +154,36 @@ def test_label_set_mismatch_fails_clearly(workspace, tmp_path):
     cfg = eval_cfg(workspace, tmp_path / "o", "--target", "unet", f"runs_root={workspace / 'runs4'}")
     with pytest.raises(CheckpointError, match="4 classes but the data has 3"):
         evaluate(cfg)
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_evaluation_e2e import eval_cfg
+from robustseg.evaluation import evaluate
+evaluate(eval_cfg(Path({root!r}), Path({out!r}), "--target", "unet", "attacks=[fgsm,pgd]", "frequency.bands=null"))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_loses_nothing(workspace):
+    out = workspace / "out_killed"
+    path = log_path(out, 0, 1)
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), root=str(workspace), out=str(out))
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.05)  # polling the child's progress; no assertion depends on timing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(read_records(path))
+    evaluate(eval_cfg(workspace, out, "--target", "unet", "attacks=[fgsm,pgd]", "frequency.bands=null"))
+    records = read_records(path)
+    keys = [(r["source"], r["target"], r["attack"], r["budget"], r["case_id"]) for r in records]
+    assert len(keys) == len(set(keys)) == 3 * (1 + 4)  # 3 cases x (clean + 2 attacks x 2 budgets)
+    assert done_before >= 3
+    assert (out / "report.md").exists()

@@ -79,7 +79,9 @@ def _settings(cfg: DictConfig, targets, source, suite, n_cases: int) -> dict[str
         "targets": ", ".join(
             f"{t.label} [{t.model_name}, {Path(t.checkpoint).name} {t.checkpoint_sha256[:12]}]" for t in targets
         ),
-        "threat model": ("transfer from " + source.label) if source else "white-box (each target is its own source)",
+        "threat model": (f"transfer from {source.label}" + (" + white-box" if cfg.get("also_whitebox") else ""))
+        if source
+        else "white-box (each target is its own source)",
         "attacks": "; ".join(budget(s) for s in suite),
         "attack_mode": f"{cfg.attack_mode} (pipeline: through the scoring sliding window; tiles: papers' protocol)",
         "sliding window": OmegaConf.to_container(cfg.sw, resolve=True),
@@ -157,6 +159,7 @@ def evaluate(cfg: DictConfig) -> Path:
         bands=OmegaConf.to_container(bands, resolve=True) if bands else None,
         max_zero_grad_fraction=float(cfg.checks.max_zero_grad_fraction),
         montage=montage,
+        also_whitebox=bool(cfg.get("also_whitebox", False)),
     )
     write_manifest(out, index, count, mine, [k for c in mine for k in evaluator.keys(c)])
     dataset = datamodule.eval_dataset(split)

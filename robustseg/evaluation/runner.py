@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from robustseg.evaluation import checks
 from robustseg.evaluation.frequency import band_filtered_inputs
-from robustseg.evaluation.metrics import flip_rate, perturbation_metrics, segmentation_metrics
+from robustseg.evaluation.metrics import dice_per_class, flip_rate, perturbation_metrics, segmentation_metrics
 from robustseg.evaluation.records import CaseLog
 from robustseg.evaluation.resolve import LoadedModel
 from robustseg.evaluation.store import AdversarialStore
@@ -106,6 +106,7 @@ class Evaluator:
     Args:
         targets: models that are scored.
         source: the surrogate that crafts for every target (transfer), or None for white-box per target.
+        also_whitebox: with a source, also attack every other target white-box (a full transfer matrix).
         suite: the (attack, budget) pairs.
         mode: ``pipeline`` or ``tiles`` (passed to ``attack_volume``).
         bands: named DCT bands ``{name: (low, high)}`` for the frequency analysis; empty to skip it.
@@ -128,6 +129,7 @@ class Evaluator:
         bands: Mapping[str, Sequence[float]] | None = None,
         max_zero_grad_fraction: float = 0.5,
         montage: Callable[..., None] | None = None,
+        also_whitebox: bool = False,
         craft_fn: Callable[..., Tensor] | None = None,
     ) -> None:
         self.targets = list(targets)
@@ -143,6 +145,7 @@ class Evaluator:
         self.bands = dict(bands or {})
         self.max_zero_grad_fraction = max_zero_grad_fraction
         self.montage = montage
+        self.also_whitebox = also_whitebox
         self.craft_fn = craft_fn
         self.counters = {m.label: PassCounter(m.net) for m in self._all_models()}
         self.stats = RunStats()
@@ -158,7 +161,10 @@ class Evaluator:
         """(source, targets it is scored by): white-box pairs each target with itself; transfer shares one."""
         if self.source is None:
             return [(t, [t]) for t in self.targets]
-        return [(self.source, self.targets)]
+        plan = [(self.source, self.targets)]
+        if self.also_whitebox:
+            plan += [(t, [t]) for t in self.targets if t.label != self.source.label]
+        return plan
 
     def keys(self, case_id: str) -> list[tuple[str, ...]]:
         """Every record key this run produces for ``case_id`` (for the shard manifest)."""
@@ -183,7 +189,9 @@ class Evaluator:
 
     def craft(self, source: LoadedModel, spec: AttackSpec, image: Tensor, label: Tensor, seed: int) -> Tensor:
         """The adversarial (1, C, D, H, W) volume of ``spec`` against ``source``."""
-        craft_fn = self.craft_fn or _attack_volume()
+        craft_fn = self.craft_fn
+        if craft_fn is None:
+            from robustseg.attacks.volume import attack_volume as craft_fn
         torch.manual_seed(seed)
         counter = self.counters[source.label]
         return craft_fn(
@@ -319,8 +327,6 @@ class Evaluator:
 
     def _score(self, pred: Tensor, label: Tensor, model: LoadedModel, spacing, dice_only: bool = False) -> dict:
         if dice_only:
-            from robustseg.evaluation.metrics import dice_per_class
-
             dice = dice_per_class(pred, label[0, 0], model.num_classes)
             return {"dice_mean": sum(dice[1:]) / (len(dice) - 1)}
         return segmentation_metrics(pred, label[0, 0], model.num_classes, spacing, self.nsd_tolerance_mm)
@@ -357,40 +363,6 @@ class Evaluator:
         clean = self.predict(source, image).argmax(1)
         adv = self.predict(source, adversarial).argmax(1)
         self.flags.append(checks.check_eps_zero(f"{source.label}/{spec.label}", image, adversarial, clean, adv))
-
-
-def _attack_volume() -> Callable[..., Tensor]:
-    """``robustseg.attacks.attack_volume``; until it exists, an exact pipeline-mode stand-in."""
-    try:
-        from robustseg.attacks import attack_volume
-    except ImportError:
-        log.warning("robustseg.attacks.attack_volume is missing: attacking through the sliding window directly")
-        return _pipeline_attack
-    return attack_volume
-
-
-class _Windowed(nn.Module):
-    """A network seen through sliding-window inference: the scoring pipeline as one differentiable model."""
-
-    def __init__(self, net: nn.Module, roi: Sequence[int], sw_batch_size: int, overlap: float, blend: str) -> None:
-        super().__init__()
-        self.net, self.roi, self.sw_batch_size, self.overlap, self.blend = (
-            net,
-            tuple(roi),
-            sw_batch_size,
-            overlap,
-            blend,
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return sliding_window_inference(x, self.roi, self.sw_batch_size, self.net, self.overlap, self.blend)
-
-
-def _pipeline_attack(attack: Any, model: nn.Module, image: Tensor, label: Tensor, **kw: Any) -> Tensor:
-    if kw["mode"] != "pipeline":
-        raise NotImplementedError("attack_mode=tiles needs robustseg.attacks.attack_volume")
-    windowed = _Windowed(model, kw["roi_size"], kw["sw_batch_size"], kw["overlap"], kw["blend_mode"])
-    return attack(windowed, image, label)
 
 
 def _plain(x: Any) -> Tensor:

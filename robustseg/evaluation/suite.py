@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+import robustseg.attacks  # noqa: F401  (import = registration of every attack)
 from robustseg.errors import ConfigError
 from robustseg.registry import ATTACKS
 
