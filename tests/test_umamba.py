@@ -57,6 +57,8 @@ def test_plan_follows_umamba_block_rule_and_trims_to_the_roi():
         plan([4, 8], [1, 2], None, None, (2, 2, 2), "t")
     with pytest.raises(ValueError, match="one entry per stage"):
         plan([4, 8], [1], None, None, None, "t")
+    with pytest.raises(ValueError, match="strides\\[0\\] must be 1"):
+        plan([4, 8], [2, 2], None, None, None, "t")
 
 
 @pytest.mark.parametrize("name", NAMES)

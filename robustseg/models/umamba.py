@@ -203,6 +203,8 @@ def plan(
     features, strides = list(features), list(strides)
     if len(features) != len(strides):
         raise ValueError(f"{name}: features {features} and strides {strides} need one entry per stage")
+    if strides[0] != 1:
+        raise ValueError(f"{name}: strides[0] must be 1 (the segmentation head works at stage 0's resolution)")
     n_full = len(features)
     sizes = None
     if img_size is not None:
