@@ -6,9 +6,10 @@ import torch
 from conftest import make_volume_batch
 from torch.utils.data import DataLoader, Dataset
 
+from robustseg.attacks.frequency import dct_matrix
 from robustseg.models import TINY
 from robustseg.systems import SegmentationSystem
-from robustseg.systems.adversarial import AttackView, dct_matrix, frequency_consistency
+from robustseg.systems.adversarial import AttackView, frequency_consistency
 
 MODEL = {"name": "unet", "in_channels": 1, "out_channels": 3, **TINY["unet"]}
 

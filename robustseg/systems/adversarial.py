@@ -6,12 +6,13 @@ References: Madry et al., ICLR 2018 (adversarial training); Hanif et al., MICCAI
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from robustseg.attacks.frequency import dct_matrix
 
 if TYPE_CHECKING:
     from robustseg.systems.segmentation import SegmentationSystem
@@ -67,15 +68,6 @@ class AttackView(nn.Module):
         if not self._zero_fractions:
             return torch.zeros(())
         return torch.stack(self._zero_fractions).mean()
-
-
-def dct_matrix(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
-    """Orthonormal DCT-II matrix ``M`` (n, n): coefficients are ``M @ x``."""
-    k = torch.arange(n, dtype=dtype, device=device)[:, None]  # frequency index (n, 1)
-    i = torch.arange(n, dtype=dtype, device=device)[None, :]  # sample index (1, n)
-    m = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    m[0] /= math.sqrt(2.0)
-    return m
 
 
 def frequency_consistency(logits: Tensor, logits_adv: Tensor) -> Tensor:
