@@ -187,3 +187,27 @@ def test_kill_9_mid_run_loses_nothing(workspace):
     assert len(keys) == len(set(keys)) == 3 * (1 + 4)  # 3 cases x (clean + 2 attacks x 2 budgets)
     assert done_before >= 3
     assert (out / "report.md").exists()
+
+
+def test_external_state_dict_and_torchscript(tmp_path):
+    torch.manual_seed(0)
+    arch = {"name": "unet", **{k: list(v) for k, v in TINY["unet"].items() if isinstance(v, tuple)}}
+    arch["num_res_units"] = TINY["unet"]["num_res_units"]
+    from robustseg.models import MODELS
+
+    net = MODELS.build({**arch, "in_channels": 1, "out_channels": 3})
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    spec = {"state_dict": "weights.pt", "architecture": arch, "num_classes": 3, "roi_size": [16, 16, 16]}
+    (tmp_path / "ok.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(spec)))
+    model = resolve_model(str(tmp_path / "ok.yaml"), tmp_path, ["synthetic"])
+    assert model.model_name == "unet" and model.num_classes == 3 and not model.net.training
+    (tmp_path / "bad.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({**spec, "num_classes": 4})))
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*checkpoint \(3,"):
+        resolve_model(str(tmp_path / "bad.yaml"), tmp_path, ["synthetic"])
+    torch.jit.trace(net.eval(), torch.rand(2, 1, 16, 16, 16)).save(str(tmp_path / "model.ts"))
+    ts = {"torchscript": "model.ts", "num_classes": 3, "roi_size": [16, 16, 16]}
+    (tmp_path / "ts.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(ts)))
+    scripted = resolve_model(str(tmp_path / "ts.yaml"), tmp_path, ["synthetic"])
+    x = torch.rand(2, 1, 16, 16, 16)
+    net.eval()
+    assert torch.allclose(scripted.net(x), net(x), atol=1e-5)

@@ -120,7 +120,9 @@ def evaluate(cfg: DictConfig) -> Path:
     mine = shard_cases(case_ids, index, count)
 
     targets, source = _models(cfg, [str(cfg.data.name)])
-    check_compatible(targets + ([source] if source else []), int(cfg.data.num_classes), cfg.data.get("class_names"))
+    intensity = OmegaConf.to_container(cfg.data.intensity, resolve=True) if cfg.data.get("intensity") else None
+    models = targets + ([source] if source else [])
+    check_compatible(models, int(cfg.data.num_classes), cfg.data.get("class_names"), intensity)
     suite = build_suite(
         [str(a) for a in as_list(cfg.attacks)],
         as_list(cfg.eps),

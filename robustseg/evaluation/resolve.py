@@ -216,8 +216,15 @@ def resolve_model(spec: str, runs_root: str | Path, data_names: Sequence[str], w
     return load_checkpoint(find_run(spec, runs_root, data_names, which), label=spec)
 
 
-def check_compatible(models: Sequence[LoadedModel], num_classes: int, class_names: Sequence[str] | None) -> None:
+def check_compatible(
+    models: Sequence[LoadedModel],
+    num_classes: int,
+    class_names: Sequence[str] | None,
+    intensity: Mapping[str, Any] | None = None,
+) -> None:
     """Every model must predict the evaluated dataset's label set; sources and targets must agree.
+
+    An external model that states the intensity preprocessing it expects must match the data's ``intensity``.
 
     Raises:
         CheckpointError: naming the model, its classes and the expected ones.
@@ -231,4 +238,14 @@ def check_compatible(models: Sequence[LoadedModel], num_classes: int, class_name
         if class_names and m.class_names and list(m.class_names) != list(class_names):
             raise CheckpointError(
                 f"model {m.label!r} was trained for classes {m.class_names}, the data has {list(class_names)}"
+            )
+        expects = m.extra.get("intensity")
+        if (
+            expects
+            and intensity
+            and {k: float(v) for k, v in expects.items()} != {k: float(v) for k, v in intensity.items() if k in expects}
+        ):
+            raise ConfigError(
+                f"model {m.label!r} expects intensity preprocessing {dict(expects)}, but data.intensity is "
+                f"{dict(intensity)}: evaluate it with a data config that preprocesses as it was trained"
             )
