@@ -131,3 +131,32 @@ def test_pgd_attack_on_tiny_umamba(name):
     net.eval()
     with torch.no_grad():
         assert ce(net(adversarial), labels) > ce(net(images), labels)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lightning_adversarial_training_and_checkpoint_reload(name, tmp_path):
+    """The system trains a tiny U-Mamba with PGD adversarial training and rebuilds it from the checkpoint alone."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from robustseg.systems import SegmentationSystem
+
+    items = [make_volume_batch(1, size=16, seed=i) for i in range(2)]
+    data = [{"image": b["image"][0], "label": b["label"][0], "case_id": f"case{i}"} for i, b in enumerate(items)]
+    torch.manual_seed(0)
+    model = {"name": name, "in_channels": 1, "out_channels": 3, **TINY[name]}
+    attack = {"name": "pgd", "eps": 4 / 255, "step_size": 1 / 255, "steps": 1}
+    system = SegmentationSystem(model=model, attack=attack, num_classes=3, roi_size=(16,) * 3, log_images=0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path, inference_mode=False,
+    )  # fmt: skip
+    trainer.fit(system, DataLoader(data, batch_size=2), DataLoader(data[:1], batch_size=1))
+    assert torch.isfinite(trainer.callback_metrics["train/loss/adv"])
+
+    path = tmp_path / "system.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = SegmentationSystem.load_from_checkpoint(path, weights_only=True).eval()
+    x = items[0]["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.net(x), system.eval().net(x))
