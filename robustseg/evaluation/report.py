@@ -203,16 +203,20 @@ def save_montage(
     delta = (adversarial[0] - image[0])[:, :, z].cpu().numpy()  # (D, H)
     amp = float(np.abs(delta).max()) or 1.0
     k = int(max(lab.max(), clean.max(), pred.max())) + 1
-    panels = [
-        (image[0, :, :, z].cpu().numpy(), "gray", 0, 1, "image"),
-        (delta / amp, "seismic", -1, 1, f"perturbation x{1 / amp:.0f} (L-inf {amp:.3g})"),
-        (lab[:, :, z].numpy(), "tab10", 0, max(k - 1, 1), "ground truth"),
-        (clean[:, :, z].cpu().numpy(), "tab10", 0, max(k - 1, 1), "clean prediction"),
-        (pred[:, :, z].cpu().numpy(), "tab10", 0, max(k - 1, 1), "adversarial prediction"),
-    ]
+    gray = image[0, :, :, z].cpu().numpy()  # (D, H)
+    maps = [None, None, lab[:, :, z].numpy(), clean[:, :, z].cpu().numpy(), pred[:, :, z].cpu().numpy()]
+    names = ["image", f"perturbation x{1 / amp:.0f} (L-inf {amp:.3g})", "ground truth", "clean prediction"]
+    names.append("adversarial prediction")
     fig, axes = plt.subplots(1, 5, figsize=(15, 3.4))
-    for ax, (array, cmap, lo, hi, name) in zip(axes, panels):
-        ax.imshow(np.rot90(array), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    for i, (ax, name) in enumerate(zip(axes, names)):
+        if i == 1:
+            ax.imshow(np.rot90(delta / amp), cmap="seismic", vmin=-1, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(np.rot90(gray), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        if maps[i] is not None:  # classes over the image; background left transparent
+            overlay = np.ma.masked_where(maps[i] == 0, maps[i])
+            cmap, top = ("tab10", 9) if k <= 10 else ("tab20", 19)
+            ax.imshow(np.rot90(overlay), cmap=cmap, vmin=0, vmax=top, alpha=0.55, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
