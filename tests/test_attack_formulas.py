@@ -245,3 +245,25 @@ def test_fused_dice_ce_equals_monai(shape):
     (grad,) = torch.autograd.grad(value, logits)
     (grad_ref,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(grad, grad_ref)
+
+
+def test_ssim_reference_gives_the_same_value():
+    from robustseg.attacks.ssim import ssim_reference
+
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 1, 14, 16, 12), torch.rand(2, 1, 14, 16, 12)
+    torch.testing.assert_close(ssim3d(x, y, reference=ssim_reference(x)), ssim3d(x, y))
+
+
+def test_soft_quantise_matches_autograd_through_soft_round():
+    from robustseg.attacks.frequency import soft_quantise
+
+    torch.manual_seed(0)
+    coeffs = (torch.randn(50, dtype=torch.float64) * 40).requires_grad_(True)
+    q = (torch.rand(50, dtype=torch.float64) * 19 + 1).requires_grad_(True)
+    expected = soft_round(coeffs / q, 0.07) * q
+    value = soft_quantise(coeffs, q, 0.07)
+    torch.testing.assert_close(value, expected)
+    grads = torch.autograd.grad(value.sum(), (coeffs, q))
+    torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), (coeffs, q)))
+    assert torch.autograd.gradcheck(lambda c, t: soft_quantise(c, t, 0.07), (coeffs, q))

@@ -19,12 +19,12 @@ from robustseg.attacks.frequency import (
     idct2,
     idct3,
     pad_to_multiple,
-    soft_round,
+    soft_quantise,
     to_blocks,
     to_blocks2d,
 )
 from robustseg.attacks.losses import LOSSES, check_loss
-from robustseg.attacks.ssim import ssim3d
+from robustseg.attacks.ssim import ssim3d, ssim_reference
 from robustseg.attacks.targets import TARGETS
 from robustseg.errors import ConfigError
 from robustseg.registry import ATTACKS
@@ -56,7 +56,8 @@ class VAFA(Attack):
 
     Each ``b^3`` block ``x`` of the volume becomes ``c = DCT3(255 x - 128)``, quantised with its own learnable
     table ``q`` (one ``b^3`` table per block) as ``c' = R_a(c / q) q`` with the soft rounding ``R_a``
-    (:func:`~robustseg.attacks.frequency.soft_round`; ``a`` annealed linearly from 0.1 towards 0), and
+    (:func:`~robustseg.attacks.frequency.soft_round`, fused in ``soft_quantise``; ``a`` annealed linearly from
+    0.1 towards 0), and
     ``x' = (IDCT3(c') + 128) / 255``. Each of ``steps`` steps maximises ``L(M(x'), y) - (1 - SSIM(x, x'))``
     by ``q <- clip(q + sign(grad_q), q_min, q_max)``. The result is ``x'`` from the final tables with hard
     rounding, clipped to ``[0, 1]``. Not norm-bounded: report :func:`~robustseg.attacks.ssim.perceptibility`.
@@ -130,9 +131,8 @@ class VAFA(Attack):
     # attack -----------------------------------------------------------------------------------------------------
     def reconstruct(self, coeffs: Tensor, q: Tensor, m: Tensor, size: tuple[int, int, int], a: float | None) -> Tensor:
         """``x'`` ``(B, C, D, H, W)`` from block coefficients and tables; ``a=None`` rounds hard."""
-        ratio = coeffs / q
-        rounded = torch.round(ratio) if a is None else soft_round(ratio, a)
-        x = (self.idct(rounded * q, m) + 128.0) / 255.0  # blocks, back in [0, 1] units
+        quantised = torch.round(coeffs / q) * q if a is None else soft_quantise(coeffs, q, a)
+        x = (self.idct(quantised, m) + 128.0) / 255.0  # blocks, back in [0, 1] units
         x = crop_to(self.merge(x), size)  # (B, C, D, H, W)
         if self.rescale_slices:
             x = rescale_axial_slices(x)
@@ -145,6 +145,7 @@ class VAFA(Attack):
         start = 1.0 if INITS[self.init][0] == "one" else self.q_max
         q = torch.full_like(coeffs, min(max(start, self.q_min), self.q_max))  # one table per block
         loss_fn = LOSSES[self.loss]
+        reference = ssim_reference(images) if self.use_ssim else None  # the clean side of SSIM, once
         for step in range(self.steps):
             a = A_START * (1.0 - step / self.steps)  # 0.1 -> 0.1 / steps
             q.requires_grad_(True)
@@ -153,7 +154,7 @@ class VAFA(Attack):
             if self.targeted:
                 objective = -objective
             if self.use_ssim:
-                objective = objective - (1.0 - ssim3d(images, adversarial)).mean()
+                objective = objective - (1.0 - ssim3d(images, adversarial, reference=reference)).mean()
             (grad,) = torch.autograd.grad(objective, q)
             q = (q.detach() + grad.sign()).clamp(self.q_min, self.q_max)
         with torch.no_grad():
