@@ -29,6 +29,9 @@ def test_monotonic_flag():
     bad = [_row("a", "a", "pgd", "4/255", 4 / 255, 0.5), _row("a", "a", "pgd", "8/255", 8 / 255, 0.6)]
     assert not checks.check_monotonic(good)[0].raised
     assert checks.check_monotonic(bad)[0].raised
+    above_clean = [_row("", "a", "clean", "0", 0.0, 0.5), _row("a", "a", "pgd", "4/255", 4 / 255, 0.6)]
+    flags = checks.check_monotonic(above_clean)
+    assert len(flags) == 1 and flags[0].raised  # an attack must not score above the clean volume
 
 
 def test_gradient_flags():

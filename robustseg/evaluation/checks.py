@@ -55,12 +55,17 @@ def check_monotonic(rows: Iterable[Mapping[str, Any]], tolerance: float = 1e-3) 
 
     Args:
         rows: summary rows with ``source``, ``target``, ``attack``, ``eps`` (None for unbounded attacks) and
-            ``dice_mean``; rows without ``eps`` are ignored.
+            ``dice_mean``; rows without ``eps`` are ignored; a target's ``clean`` row is every curve's budget-0 point.
     """
+    rows = list(rows)
+    clean = {r["target"]: float(r["dice_mean"]) for r in rows if r["attack"] == "clean"}
     curves: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
-        if r.get("eps") is not None and r.get("dice_mean") is not None:
+        if r["attack"] != "clean" and r.get("eps") is not None and r.get("dice_mean") is not None:
             curves[(r["source"], r["target"], r["attack"])].append((float(r["eps"]), float(r["dice_mean"])))
+    for (_, target, _), points in curves.items():
+        if target in clean and all(eps > 0 for eps, _ in points):
+            points.append((0.0, clean[target]))  # the clean score is the curve's value at budget 0
     flags = []
     for (source, target, attack), points in sorted(curves.items()):
         points.sort()
