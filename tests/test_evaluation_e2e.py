@@ -113,7 +113,7 @@ def test_whitebox_and_transfer_end_to_end(workspace):
 @pytest.mark.slow
 def test_resume_after_kill_and_shards(workspace):
     out = workspace / "out_whitebox"
-    args = ("--target", "unet", "attacks=[fgsm]", "frequency.bands=null")
+    args = ("--target", "unet", "attacks=[fgsm]", "frequency.bands=null", "attack_mode=tiles")
     evaluate(eval_cfg(workspace, out, *args))
     path = log_path(out, 0, 1)
     full = read_records(path)
