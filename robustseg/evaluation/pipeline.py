@@ -128,7 +128,7 @@ def evaluate(cfg: DictConfig) -> Path:
         as_list(cfg.eps),
         as_list(cfg.get("q_max")),
         _conf_dir(),
-        OmegaConf.to_container(cfg.get("attack_overrides") or {}, resolve=True),
+        OmegaConf.to_container(cfg.attack_overrides, resolve=True) if cfg.get("attack_overrides") else {},
     )
     out.mkdir(parents=True, exist_ok=True)
     montage_cases = set(mine[: int(cfg.get("montage_cases", 1))])
