@@ -107,6 +107,13 @@ def evaluate(cfg: DictConfig) -> Path:
     if cfg.attack_mode not in ("pipeline", "tiles"):
         raise ConfigError(f"attack_mode={cfg.attack_mode!r}: expected 'pipeline' or 'tiles'")
     torch.manual_seed(int(cfg.seed))
+    suite = build_suite(  # first: a bad attack name fails before any data or checkpoint is read
+        [str(a) for a in as_list(cfg.attacks)],
+        as_list(cfg.eps),
+        as_list(cfg.get("q_max")),
+        _conf_dir(),
+        OmegaConf.to_container(cfg.attack_overrides, resolve=True) if cfg.get("attack_overrides") else {},
+    )
     from robustseg.data import build_datamodule
 
     datamodule = build_datamodule(cfg.data)
@@ -123,13 +130,6 @@ def evaluate(cfg: DictConfig) -> Path:
     intensity = OmegaConf.to_container(cfg.data.intensity, resolve=True) if cfg.data.get("intensity") else None
     models = targets + ([source] if source else [])
     check_compatible(models, int(cfg.data.num_classes), cfg.data.get("class_names"), intensity)
-    suite = build_suite(
-        [str(a) for a in as_list(cfg.attacks)],
-        as_list(cfg.eps),
-        as_list(cfg.get("q_max")),
-        _conf_dir(),
-        OmegaConf.to_container(cfg.attack_overrides, resolve=True) if cfg.get("attack_overrides") else {},
-    )
     out.mkdir(parents=True, exist_ok=True)
     montage_cases = set(mine[: int(cfg.get("montage_cases", 1))])
 
