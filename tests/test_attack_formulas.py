@@ -267,3 +267,14 @@ def test_soft_quantise_matches_autograd_through_soft_round():
     grads = torch.autograd.grad(value.sum(), (coeffs, q))
     torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), (coeffs, q)))
     assert torch.autograd.gradcheck(lambda c, t: soft_quantise(c, t, 0.07), (coeffs, q))
+
+
+def test_ssim_fused_backward_matches_autograd():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 12, 13, 14, dtype=torch.float64)
+    y = (x + 0.1 * torch.randn_like(x)).requires_grad_(True)
+    x_grad = x.clone().requires_grad_(True)  # forces the plain autograd path, the reference
+    (fused,) = torch.autograd.grad(ssim3d(x, y).sum(), y)
+    (plain,) = torch.autograd.grad(ssim3d(x_grad, y).sum(), y)
+    torch.testing.assert_close(fused, plain)
+    assert torch.autograd.gradcheck(lambda t: ssim3d(x, t), (y,))
