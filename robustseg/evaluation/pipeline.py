@@ -21,7 +21,7 @@ from robustseg.evaluation import checks
 from robustseg.evaluation.records import CaseLog, read_records
 from robustseg.evaluation.report import log_wandb, save_montage, write_outputs
 from robustseg.evaluation.resolve import LoadedModel, check_compatible, resolve_model
-from robustseg.evaluation.runner import Evaluator, RunStats, SlidingWindow
+from robustseg.evaluation.runner import Evaluator, SlidingWindow
 from robustseg.evaluation.shard import log_path, merge_shards, parse_shard, shard_cases, write_manifest
 from robustseg.evaluation.store import AdversarialStore, atomic_write_bytes
 from robustseg.evaluation.suite import as_list, build_suite
@@ -167,14 +167,13 @@ def evaluate(cfg: DictConfig) -> Path:
     write_manifest(out, index, count, mine, keys)
     run_file = out / f"run.shard-{index}-of-{count}.json"
     if run_file.exists() and all(evaluator.log.done(k) for k in keys):
-        # a finished shard: nothing to compute; keep the flags its run measured
-        flags = json.loads(run_file.read_text())["flags"]
-        stats = RunStats(records_skipped=len(keys))
-    else:
-        dataset = datamodule.eval_dataset(split)
-        position = {str(c["case_id"]): i for i, c in enumerate(cases)}
-        stats = evaluator.run(dataset[position[c]] for c in mine)
-        flags = [f.to_dict() for f in evaluator.flags]
+        # a finished shard: nothing to compute; its run file keeps the flags and costs it measured
+        log.info("shard %d/%d: all %d results already in %s; nothing to do", index, count, len(keys), out)
+        return finalize(cfg, out, count) if count == 1 else out
+    dataset = datamodule.eval_dataset(split)
+    position = {str(c["case_id"]): i for i, c in enumerate(cases)}
+    stats = evaluator.run(dataset[position[c]] for c in mine)
+    flags = [f.to_dict() for f in evaluator.flags]
     payload = {
         "flags": flags,
         "stats": {
