@@ -7,8 +7,7 @@ import logging
 import lightning as L
 import pytest
 import torch
-from test_system import MODEL, Phantoms
-from torch.utils.data import DataLoader
+from test_system import MODEL, Phantoms, fit
 
 from robustseg.config import load_config
 from robustseg.errors import ConfigError
@@ -24,18 +23,9 @@ FAST = {
 
 
 def fit_steps(system: SegmentationSystem, tmp_path, **kwargs) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=kwargs.pop("max_steps", 1),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
-    trainer.fit(system, DataLoader(Phantoms(2), batch_size=2), DataLoader(Phantoms(1, size=32), batch_size=1))
-    return trainer
+    """One training step on two phantom crops, one 32^3 validation volume, no checkpoints."""
+    kwargs.setdefault("max_steps", 1)
+    return fit(system, tmp_path, train_cases=2, val_cases=1, val_size=32, enable_checkpointing=False, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,10 @@ class Phantoms(Dataset):
         return {"image": self.items[i]["image"][0], "label": self.items[i]["label"][0], "case_id": f"case{i}"}
 
 
-def fit(system: SegmentationSystem, tmp_path, **kwargs) -> L.Trainer:
+def fit(
+    system: SegmentationSystem, tmp_path, train_cases: int = 4, val_cases: int = 2, val_size: int = 48, **kwargs
+) -> L.Trainer:
+    """Fit on phantom crops (batches of 2) and validate on whole phantom volumes; ``kwargs`` go to the Trainer."""
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -38,7 +41,8 @@ def fit(system: SegmentationSystem, tmp_path, **kwargs) -> L.Trainer:
         default_root_dir=tmp_path,
         **kwargs,
     )
-    trainer.fit(system, DataLoader(Phantoms(4), batch_size=2), DataLoader(Phantoms(2, size=48), batch_size=1))
+    train_loader = DataLoader(Phantoms(train_cases), batch_size=2)
+    trainer.fit(system, train_loader, DataLoader(Phantoms(val_cases, size=val_size), batch_size=1))
     return trainer
 
 
@@ -85,6 +89,7 @@ def test_dct_matrix_orthonormal_and_frequency_consistency_formula():
     assert torch.allclose(m @ m.T, torch.eye(6, dtype=torch.float64), atol=1e-12)
     z = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64)
     z_adv = z + 0.1 * torch.randn_like(z)
+
     # reference: separable DCT along each axis with explicit matrix products
     def dct3(v):
         v = torch.einsum("ai,...ijk->...ajk", dct_matrix(4, dtype=v.dtype), v)
