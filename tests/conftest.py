@@ -32,6 +32,16 @@ def make_volume_batch(batch_size: int = 2, size: int = 16, seed: int = 0, num_cl
     return {"image": image.float(), "label": label, "case_id": [f"case{i}" for i in range(batch_size)]}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use tiny tensors: one intra-op thread avoids oversubscription stalls on a shared 2-core machine
+    (and beside the two processes of the DDP tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def volume_batch() -> dict[str, Tensor]:
     return make_volume_batch()

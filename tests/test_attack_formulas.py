@@ -31,14 +31,6 @@ from robustseg.attacks.targets import TARGETS
 from robustseg.attacks.vafa import rescale_axial_slices
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("n", [4, 8, 32])
 def test_dct_matrix_is_orthonormal_and_matches_scipy(n):
     m = dct_matrix(n, dtype=torch.float64)

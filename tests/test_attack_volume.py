@@ -11,14 +11,6 @@ from robustseg.attacks import ATTACKS, LOSSES, SlidingWindowModel, attack_volume
 from robustseg.attacks.volume import tile_starts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def odd_volume() -> dict[str, Tensor]:
     """A (1, 1, 24, 20, 18) phantom: not divisible by a 16^3 ROI along any axis."""

@@ -18,15 +18,6 @@ ATTACK_CONFIGS = sorted(Path(__file__).parents[1].joinpath("conf", "attack").glo
 IDS = [p.stem for p in ATTACK_CONFIGS]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def preset(path: Path, **overrides: Any) -> dict[str, Any]:
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     cfg.update(overrides)
