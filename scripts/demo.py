@@ -7,7 +7,7 @@
 3. Leaves the report, CSV/JSON summaries and PNG plots in ``runs/demo/eval`` (W&B offline unless a key is set).
 
 Budget: about 15 minutes on 2 CPU cores in total. Training is capped by wall time (``DEMO_TRAIN_MINUTES`` per
-model, default 3) as well as epochs (``DEMO_EPOCHS``), so a slower machine trains less rather than overrunning;
+model, default 2.5) as well as epochs (``DEMO_EPOCHS``), so a slower machine trains less rather than overrunning;
 ``DEMO_PGD_STEPS`` / ``DEMO_VAFA_STEPS`` scale the attacks (the papers use 20). ``DEMO_RUNS`` moves the output.
 """
 
@@ -29,9 +29,9 @@ from robustseg.training import train  # noqa: E402
 log = logging.getLogger("demo")
 
 EPOCHS = int(os.environ.get("DEMO_EPOCHS", "60"))
-TRAIN_MINUTES = float(os.environ.get("DEMO_TRAIN_MINUTES", "3"))
-PGD_STEPS = int(os.environ.get("DEMO_PGD_STEPS", "5"))
-VAFA_STEPS = int(os.environ.get("DEMO_VAFA_STEPS", "5"))
+TRAIN_MINUTES = float(os.environ.get("DEMO_TRAIN_MINUTES", "2.5"))
+PGD_STEPS = int(os.environ.get("DEMO_PGD_STEPS", "3"))
+VAFA_STEPS = int(os.environ.get("DEMO_VAFA_STEPS", "3"))
 RUNS = Path(os.environ.get("DEMO_RUNS", ROOT / "runs" / "demo"))
 
 
