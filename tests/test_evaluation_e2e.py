@@ -125,6 +125,11 @@ def test_resume_after_kill_and_shards(workspace):
     resumed = read_records(path)
     key = lambda r: (r["source"], r["target"], r["attack"], r["budget"], r["case_id"])  # noqa: E731
     assert sorted(map(key, resumed)) == sorted(map(key, full))
+    # other settings in the same directory: every attack result is recomputed, and counted once
+    evaluate(eval_cfg(workspace, out, *args[:-1], "attack_mode=pipeline"))
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert {r["mode"] for r in rows if r["attack"] == "fgsm"} == {"pipeline"}
+    assert {int(r["n_cases"]) for r in rows} == {3}
     # the same evaluation in two shards, merged, gives the same records
     sharded = workspace / "out_sharded"
     for i in range(2):

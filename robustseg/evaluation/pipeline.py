@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustseg.errors import ConfigError
 from robustseg.evaluation import checks
-from robustseg.evaluation.records import CaseLog, read_records
+from robustseg.evaluation.records import CaseLog, dedupe, read_records
 from robustseg.evaluation.report import log_wandb, save_montage, write_outputs
 from robustseg.evaluation.resolve import LoadedModel, check_compatible, resolve_model
 from robustseg.evaluation.runner import Evaluator, SlidingWindow
@@ -166,7 +166,7 @@ def evaluate(cfg: DictConfig) -> Path:
     keys = [k for c in mine for k in evaluator.keys(c)]
     write_manifest(out, index, count, mine, keys)
     run_file = out / f"run.shard-{index}-of-{count}.json"
-    if run_file.exists() and all(evaluator.log.done(k) for k in keys):
+    if run_file.exists() and all(evaluator.done(k) for k in keys):
         # a finished shard: nothing to compute; its run file keeps the flags and costs it measured
         log.info("shard %d/%d: all %d results already in %s; nothing to do", index, count, len(keys), out)
         return finalize(cfg, out, count) if count == 1 else out
@@ -198,7 +198,7 @@ def evaluate(cfg: DictConfig) -> Path:
 
 def finalize(cfg: DictConfig, out: Path, count: int) -> Path:
     """Merge the shards' records, compute the summary and the flags, write every output and the W&B run."""
-    records = merge_shards(out, count) if count > 1 else read_records(log_path(out, 0, 1))
+    records = merge_shards(out, count) if count > 1 else dedupe(read_records(log_path(out, 0, 1)))
     runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"run.shard-*-of-{count}.json"))]
     rows = summarise(records)
     flags = [checks.Flag(**f) for run in runs for f in run["flags"]]

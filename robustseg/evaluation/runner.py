@@ -14,6 +14,7 @@ Finished results are appended to the per-case JSONL as they complete; on a rerun
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -232,7 +233,7 @@ class Evaluator:
         label = _plain(case["label"]).long()[None]  # (1, 1, D, H, W)
         affine = _affine(case["image"])
         spacing = _spacing(case["image"], affine)
-        todo = [k for k in self.keys(case_id) if not self.log.done(k)]
+        todo = [k for k in self.keys(case_id) if not self.done(k)]
         self.stats.records_skipped += len(self.keys(case_id)) - len(todo)
         if not todo and not with_checks:
             return
@@ -331,10 +332,32 @@ class Evaluator:
             return {"dice_mean": sum(dice[1:]) / (len(dice) - 1)}
         return segmentation_metrics(pred, label[0, 0], model.num_classes, spacing, self.nsd_tolerance_mm)
 
+    def settings_id(self, key: tuple[str, ...]) -> str:
+        """Hash of every setting a record depends on: a result made with other settings is recomputed, not reused."""
+        source, target, attack, budget, _ = key
+        models = {m.label: m for m in self._all_models()}
+        parts: dict[str, Any] = {
+            "target": models[target].checkpoint_sha256,
+            "window": [self.window.overlap, self.window.sw_batch_size, self.window.blend_mode],
+            "roi": list(self.window.roi(models[target])),
+            "nsd": self.nsd_tolerance_mm,
+            "bands": self.bands,
+        }
+        if attack != CLEAN:
+            spec = next(s for s in self.suite if (s.label, s.budget) == (attack, budget))
+            parts |= {"source": models[source].checkpoint_sha256, "attack": spec.config, "mode": self.mode}
+            parts |= {"memory_bounded": self.memory_bounded, "seed": self.seed}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def done(self, key: tuple[str, ...]) -> bool:
+        """Whether ``key`` has a record made with the current settings."""
+        record = self.log.records.get(key)
+        return record is not None and record.get("settings_id") == self.settings_id(key)
+
     def _write(self, key: tuple[str, ...], fields: Mapping[str, Any]) -> None:
         source, target, attack, budget, case_id = key
         record = {"source": source, "target": target, "attack": attack, "budget": budget, "case_id": case_id}
-        self.log.append({**fields, **record})
+        self.log.append({**fields, **record, "settings_id": self.settings_id(key)})
         self.stats.records_written += 1
 
     # -- sanity checks on the first case -------------------------------------------------------------------------
