@@ -12,23 +12,12 @@ named in the config (``frequency.bands: {low: [0, 0.1], high: [0.1, 1.0]}``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-try:  # the attack package's DCT, shared with VAFA, once it exists
-    from robustseg.attacks.frequency import dct_matrix
-except ImportError:  # pragma: no cover - only before robustseg.attacks.frequency lands
-
-    def dct_matrix(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
-        """Orthonormal DCT-II matrix ``M`` (n, n): coefficients are ``M @ x``, the inverse is ``M.T``."""
-        k = torch.arange(n, dtype=dtype, device=device)[:, None]  # frequency index (n, 1)
-        i = torch.arange(n, dtype=dtype, device=device)[None, :]  # sample index (1, n)
-        m = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-        m[0] /= math.sqrt(2.0)
-        return m
+from robustseg.attacks.frequency import dct_matrix
 
 
 def dct_volume(x: Tensor) -> Tensor:
