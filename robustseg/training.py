@@ -17,7 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from robustseg.config import to_yaml
+from robustseg.config import CONF_DIR, to_yaml
 from robustseg.data import build_datamodule
 from robustseg.errors import ConfigError
 from robustseg.loggers import build_logger, finish
@@ -111,8 +111,6 @@ def build_system(cfg: DictConfig) -> SegmentationSystem:
 
 
 def _attack_preset(name: str, steps: int) -> dict[str, Any]:
-    from robustseg.config import CONF_DIR
-
     path = CONF_DIR / "attack" / f"{name}.yaml"
     if not path.is_file():
         options = sorted(p.stem for p in path.parent.glob("*.yaml"))

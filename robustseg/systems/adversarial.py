@@ -130,7 +130,7 @@ class VAFT:
         logits_adv = system.net(adversarial)
         loss_clean = system.loss(logits, labels)
         loss_adv = system.loss(logits_adv, labels)
-        loss_fr = system.frequency_consistency(logits, logits_adv)
+        loss_fr = frequency_consistency(logits, logits_adv)
         total = loss_clean + loss_adv + system.hparams.freq_weight * loss_fr
         return {"clean": loss_clean, "adv": loss_adv, "freq": loss_fr, "total": total}
 

@@ -16,7 +16,7 @@ from torchmetrics.segmentation import DiceScore
 
 from robustseg.attacks import ATTACKS, attack_volume
 from robustseg.models import MODELS
-from robustseg.systems.adversarial import ADV_MODES, AttackView, frequency_consistency
+from robustseg.systems.adversarial import ADV_MODES, AttackView
 from robustseg.systems.images import slice_panel
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,6 @@ class SegmentationSystem(L.LightningModule):
         for name, value in losses.items():
             self.log(f"train/loss/{name}", value, prog_bar=name == "total", batch_size=images.shape[0])
         return losses["total"]
-
-    def frequency_consistency(self, logits: Tensor, logits_adv: Tensor) -> Tensor:
-        """VAFT's L_fr on the logits (Hanif et al., MICCAI 2023); see :func:`frequency_consistency`."""
-        return frequency_consistency(logits, logits_adv)
 
     def _attack_grad_scale(self) -> float:
         # fp16 input gradients underflow; the attacks use only the gradient's direction, so scaling it is exact
