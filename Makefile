@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 # The local CPU build; a GPU user installs a CUDA torch into .venv first (it is kept), or sets TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+# Two worker processes (one thread each, see tests/conftest.py): the 2-core machine stays busy without
+# oversubscription. PYTEST_ARGS="-n 0" runs in one process.
+PYTEST_ARGS ?= -n 2
 
 .PHONY: venv test test-fast demo lint format bench clean
 
