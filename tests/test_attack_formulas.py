@@ -222,21 +222,59 @@ def test_vmi_fgsm_forward_count(volume_batch):
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 6, 5, 4), (1, 14, 4, 4, 4)])
-def test_fused_dice_ce_equals_monai(shape):
-    """The memory-light DiceCE has MONAI DiceCELoss(to_onehot_y, softmax)'s value and gradient (absent classes too)."""
+@pytest.mark.parametrize(
+    ("name", "monai_kwargs"),
+    [
+        ("dice_ce", {"squared_pred": True, "smooth_nr": 0.0, "smooth_dr": 1e-6}),  # the papers' DiceCE
+        ("dice_ce_monai", {}),  # MONAI's defaults
+    ],
+)
+def test_fused_dice_ce_equals_monai(shape, name, monai_kwargs):
+    """The memory-light DiceCE variants have MONAI DiceCELoss's value and input gradient (absent classes too)."""
+    from monai.losses import DiceCELoss
+
+    from robustseg.attacks.losses import LOSSES
+
+    torch.manual_seed(0)
+    logits = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]))
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, **monai_kwargs)(logits, labels)
+    value = LOSSES[name](logits, labels)
+    torch.testing.assert_close(value, expected)
+    (grad,) = torch.autograd.grad(value, logits)
+    (grad_ref,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def test_papers_dice_ce_is_not_monais_default():
+    """squared_pred / smooth change the input gradient (the issue saw its sign differ on 2 % of voxels)."""
+    from robustseg.attacks.losses import dice_ce, dice_ce_monai
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 1, 6, 5, 4))
+    (paper,) = torch.autograd.grad(dice_ce(logits, labels), logits)
+    (monai,) = torch.autograd.grad(dice_ce_monai(logits, labels), logits)
+    assert (paper - monai).abs().max() > 1e-4
+
+
+def test_dice_ce_runs_in_fp32_under_low_precision_logits():
+    """bf16 logits (AMP training) are summed in fp32, as MONAI's loss is under autocast; the gradient keeps bf16."""
     from monai.losses import DiceCELoss
 
     from robustseg.attacks.losses import dice_ce
 
     torch.manual_seed(0)
-    logits = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]))
-    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, labels)
+    logits = torch.randn(1, 3, 8, 8, 8).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, 3, (1, 1, 8, 8, 8))
     value = dice_ce(logits, labels)
+    assert value.dtype == torch.float32
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)(
+        logits.float(), labels
+    )
     torch.testing.assert_close(value, expected)
     (grad,) = torch.autograd.grad(value, logits)
-    (grad_ref,) = torch.autograd.grad(expected, logits)
-    torch.testing.assert_close(grad, grad_ref)
+    assert grad.dtype == torch.bfloat16
 
 
 def test_ssim_reference_gives_the_same_value():
@@ -270,3 +308,20 @@ def test_ssim_fused_backward_matches_autograd():
     (plain,) = torch.autograd.grad(ssim3d(x_grad, y).sum(), y)
     torch.testing.assert_close(fused, plain)
     assert torch.autograd.gradcheck(lambda t: ssim3d(x, t), (y,))
+
+
+def test_training_system_minimises_the_papers_dice_ce():
+    """SPEC: training uses the papers' DiceCE (squared_pred, smooth_nr 0, smooth_dr 1e-6), as the attacks do."""
+    from monai.losses import DiceCELoss
+
+    from robustseg.models import TINY
+    from robustseg.systems import SegmentationSystem
+
+    system = SegmentationSystem(
+        model={"name": "unet", "in_channels": 1, "out_channels": 3, **TINY["unet"]}, num_classes=3
+    )
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 5, 4, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 1, 6, 5, 4))
+    papers = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
+    torch.testing.assert_close(system.loss(logits, labels), papers(logits, labels))

@@ -9,12 +9,12 @@ from typing import Any
 import lightning as L
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from monai.optimizers import WarmupCosineSchedule
 from torch import Tensor, nn
 from torchmetrics.segmentation import DiceScore
 
 from robustseg.attacks import ATTACKS, attack_volume
+from robustseg.attacks.losses import dice_ce
 from robustseg.models import MODELS
 from robustseg.systems.adversarial import ADV_MODES, AttackView
 from robustseg.systems.images import slice_panel
@@ -73,7 +73,7 @@ class SegmentationSystem(L.LightningModule):
         self.val_attack = ATTACKS.build(val_attack) if val_attack else None
         ADV_MODES[adv_mode].check(self.attack)
         self.class_names = list(class_names) if class_names else [f"class{k}" for k in range(num_classes)]
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
+        self.loss = dice_ce  # the papers' DiceCE (squared_pred, smooth_nr 0, smooth_dr 1e-6), as the attacks use
         conditions = ["clean"] + (["adv"] if self.val_attack else [])
         self.val_dice = nn.ModuleDict({c: self._dice(include_background=False) for c in conditions})
         self.val_dice_bg = nn.ModuleDict({c: self._dice(include_background=True) for c in conditions})
