@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor
 
+from robustseg.attacks.sea_losses import SEA_LOSSES
 from robustseg.errors import ConfigError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -123,7 +124,7 @@ class _Losses(dict):
 
 
 LOSSES: Mapping[str, LossFn] = _Losses(
-    ce=ce, dice_ce=dice_ce, dice_ce_monai=dice_ce_monai, dice=dice, masked_ce=masked_ce
+    ce=ce, dice_ce=dice_ce, dice_ce_monai=dice_ce_monai, dice=dice, masked_ce=masked_ce, **SEA_LOSSES
 )
 
 
