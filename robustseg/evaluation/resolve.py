@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robustseg.checkpoint_io import safe_torch_load
 from robustseg.errors import CheckpointError, ConfigError
 from robustseg.evaluation.store import file_sha256
 from robustseg.models import MODELS
@@ -89,10 +90,7 @@ def _plain(value: Any) -> Any:
 def load_checkpoint(path: str | Path, label: str | None = None) -> LoadedModel:
     """Rebuild the network of a ``SegmentationSystem`` checkpoint from its hyper-parameters and weights."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    ckpt = safe_torch_load(path, what="checkpoint")  # weights_only=True: a checkpoint never runs code
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hparams or "model" not in hparams or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a robustseg SegmentationSystem checkpoint (no hyper_parameters.model)")
@@ -136,7 +134,7 @@ def load_external(spec_path: str | Path, label: str | None = None) -> LoadedMode
         weights = spec_path.parent / spec["state_dict"]
         arch = {"in_channels": spec.get("in_channels", 1), "out_channels": spec["num_classes"], **spec["architecture"]}
         net, model_name = MODELS.build(arch), MODELS.resolve(arch["name"])
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = safe_torch_load(weights, what=f"state dict of {spec_path}")
         state = state.get("state_dict", state)
         strict_load(net, state, f"state dict {weights} (architecture from {spec_path})")
     else:
