@@ -281,3 +281,69 @@ def test_targeted_planted(path):
     net = PlantedNet()
     adversarial = attack(net, images, labels)
     assert (net(adversarial).argmax(1) == 0).float().mean() > 0.99
+
+
+def test_each_submodule_keeps_its_own_training_flag(volume_batch):
+    """A BatchNorm deliberately kept in eval inside a training model stays in eval (not model.train(was))."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.Conv3d(4, 3, 1), nn.Dropout(0.1))
+    net.train()
+    net[1].eval()
+    modes = [m.training for m in net.modules()]
+    ATTACKS.build({"name": "pgd", "steps": 1, "seed": 0})(net, volume_batch["image"], volume_batch["label"])
+    assert [m.training for m in net.modules()] == modes
+
+
+def test_eval_mode_during_the_attack(volume_batch):
+    seen = []
+    net = nn.Conv3d(1, 3, 1)
+    net.register_forward_hook(lambda module, *_: seen.append(module.training))
+    net.train()
+    ATTACKS.build({"name": "pgd", "steps": 2, "seed": 0})(net, volume_batch["image"], volume_batch["label"])
+    assert seen == [False, False] and net.training
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda x: x * 1.5, r"\[0, 1\].*min 0.*max 1\.5"),
+        (lambda x: x - 0.25, r"min -0\.25"),
+        (lambda x: x.index_fill(2, torch.tensor([3]), float("nan")), "non-finite"),
+        (lambda x: x.index_fill(2, torch.tensor([3]), float("inf")), "non-finite"),
+    ],
+)
+@pytest.mark.parametrize("name", ["pgd", "gn", "vafa"])
+def test_inputs_outside_the_unit_range_are_refused(name, change, match, volume_batch):
+    """The result is clipped to [0, 1]: an input outside it would be changed by the clipping alone (eps 0 moved an
+    input in [0, 1.5] by 0.5), so it is refused, naming the range seen."""
+    from robustseg.attacks.base import AttackInputError
+
+    attack = ATTACKS.build({"name": name, **({"block_size": 8, "steps": 1} if name == "vafa" else {})})
+    images = change(volume_batch["image"])  # the phantom spans exactly [0, 1]
+    with pytest.raises(AttackInputError, match=match):
+        attack(nn.Conv3d(1, 3, 1), images, volume_batch["label"])
+
+
+@pytest.mark.parametrize(
+    ("cfg", "field"),
+    [
+        ({"name": "pgd", "eps": 2}, "eps"),  # issue 15: attack.eps=2 in training was silently accepted
+        ({"name": "pgd", "eps": 8}, "eps"),
+        ({"name": "pgd", "eps": 1.0}, "eps"),
+        ({"name": "bim", "eps": "255/255"}, "eps"),
+        ({"name": "mi_fgsm", "eps": 4}, "eps"),
+        ({"name": "gn", "sigma": 1}, "sigma"),
+    ],
+)
+def test_whole_range_budgets_are_refused(cfg, field):
+    with pytest.raises(ConfigError, match=rf"{field}.*whole \[0, 1\] intensity range.*8/255"):
+        ATTACKS.build(cfg)
+
+
+def test_large_budget_escape_and_l2_radius():
+    """An explicit allow_large_budget lifts the guard; an L2 radius is a whole-volume norm and may exceed 1."""
+    assert ATTACKS.build({"name": "gn", "sigma": 2, "allow_large_budget": True}).sigma == 2.0
+    assert ATTACKS.build({"name": "pgd_l2", "eps": 3.0}).eps == 3.0
+    with pytest.raises(ConfigError, match="allow_large_budget"):
+        parse_budget(1.5, "eps", "PGD", maximum=1.0, escape="allow_large_budget")
+    assert parse_budget(0.999, "eps", maximum=1.0) == 0.999

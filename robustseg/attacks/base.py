@@ -17,14 +17,21 @@ import torch
 from torch import Tensor, nn
 
 from robustseg.attacks.targets import TARGETS
-from robustseg.errors import ConfigError
+from robustseg.errors import ConfigError, RobustsegError
 
 
-def parse_budget(value: Any, field: str, attack: str = "attack") -> float:
+def parse_budget(
+    value: Any, field: str, attack: str = "attack", *, maximum: float | None = None, escape: str | None = None
+) -> float:
     """A budget in ``[0, 1]`` intensity units from a number or a fraction string such as ``"8/255"``.
 
+    Args:
+        maximum: refuse values ``>= maximum`` (an L-inf eps or a noise sigma of 1 spans the whole intensity range:
+            almost always ``8`` written for ``8/255``); ``None`` accepts any finite value >= 0.
+        escape: the field that lifts ``maximum``, named in the message.
+
     Raises:
-        ConfigError: naming ``attack.field`` when the value is not a finite number >= 0.
+        ConfigError: naming ``attack.field`` when the value is not a finite number >= 0 (and below ``maximum``).
     """
     number: float
     if isinstance(value, bool):
@@ -42,6 +49,12 @@ def parse_budget(value: Any, field: str, attack: str = "attack") -> float:
         raise ConfigError(f"{attack}.{field}: expected a number or a fraction like '8/255', got {value!r}")
     if not math.isfinite(number) or number < 0:
         raise ConfigError(f"{attack}.{field}: must be a finite number >= 0, got {value!r}")
+    if maximum is not None and number >= maximum:
+        hint = f"; set {attack}.{escape}=true if you really mean it" if escape else ""
+        raise ConfigError(
+            f"{attack}.{field}: {value!r} is >= {maximum:g}, the whole [0, 1] intensity range: budgets are in [0, 1] "
+            f"units, write e.g. '8/255' (not 8){hint}"
+        )
     return number
 
 
@@ -51,10 +64,22 @@ def check_positive_int(value: Any, field: str, attack: str = "attack", minimum: 
         raise ConfigError(f"{attack}.{field}: expected an integer >= {minimum}, got {value!r}")
 
 
+LARGE_BUDGET_ESCAPE = "allow_large_budget"  # a bool field that lets an attack take an L-inf eps / sigma >= 1
+
+
 def set_budgets(obj: Any, *fields: str) -> None:
-    """Parse the named budget fields of a frozen dataclass in place (for ``__post_init__``)."""
+    """Parse the named budget fields of a frozen dataclass in place (for ``__post_init__``).
+
+    An L-inf ``eps`` (``threat_model == "linf"``) and a noise ``sigma`` must be below 1 unless the attack has a true
+    ``allow_large_budget`` field; L2 radii are whole-volume norms and may exceed 1.
+    """
+    name = type(obj).__name__
+    allowed = bool(getattr(obj, LARGE_BUDGET_ESCAPE, False))
     for field in fields:
-        object.__setattr__(obj, field, parse_budget(getattr(obj, field), field, type(obj).__name__))
+        guarded = field == "sigma" or (field == "eps" and getattr(obj, "threat_model", None) == "linf")
+        maximum = 1.0 if guarded and not allowed else None
+        value = parse_budget(getattr(obj, field), field, name, maximum=maximum, escape=LARGE_BUDGET_ESCAPE)
+        object.__setattr__(obj, field, value)
 
 
 @contextlib.contextmanager
@@ -81,6 +106,29 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+class AttackInputError(RobustsegError, ValueError):
+    """The images given to an attack are not a valid ``[0, 1]`` volume (non-finite, or outside the range)."""
+
+
+@torch.no_grad()
+def check_unit_range(images: Tensor, who: str = "attack") -> None:
+    """Raise :class:`AttackInputError` unless every voxel of ``images`` is finite and in ``[0, 1]``.
+
+    Budgets are stated in ``[0, 1]`` units and results are clipped to that range; an input outside it would be
+    silently changed by the clipping alone (eps = 0 would move it), so it is refused instead.
+    """
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise AttackInputError(f"{who}: images contain {bad} non-finite voxel(s) (NaN or inf); expected [0, 1]")
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        raise AttackInputError(
+            f"{who}: images must lie in [0, 1] (the intensity transforms clip to it), got min {low:.6g} and max "
+            f"{high:.6g}; rescale or clip the input first"
+        )
+
+
 class Attack(abc.ABC):
     """Maps ``(model, images, labels)`` to adversarial images.
 
@@ -92,7 +140,9 @@ class Attack(abc.ABC):
       call and their ``requires_grad`` flags restored, so parameter ``.grad`` is never touched and calling an
       attack inside ``training_step`` under DDP or gradient accumulation is safe.
     * The number of forward passes is fixed by the config, never by the data: DDP ranks stay in step.
-    * ``model.training`` is restored on exit. Subclasses are frozen dataclasses: no state survives a call.
+    * ``images`` must be finite and in ``[0, 1]`` (:class:`AttackInputError` otherwise, naming the min/max seen).
+    * Every submodule's own ``training`` flag is restored on exit (a BatchNorm kept in eval inside a training
+      model stays in eval). Subclasses are frozen dataclasses: no state survives a call.
     * Targeted attacks (``targeted=True``) move the prediction towards ``target``: a label map passed as the
       ``target`` keyword, else the map the named rule ``self.target`` derives from ``labels`` (see ``TARGETS``).
 
@@ -119,14 +169,16 @@ class Attack(abc.ABC):
                 f"{type(self).__name__}: expected float images and integer labels, got {images.dtype} and "
                 f"{labels.dtype}"
             )
+        check_unit_range(images, type(self).__name__)
         goal = self._goal(labels.long(), target)
-        was_training = model.training
+        modes = {module: module.training for module in model.modules()}  # each submodule's own flag
         model.eval()  # attack the deployed model; also keeps BatchNorm running statistics untouched
         try:
             with torch.enable_grad(), frozen_parameters(model):
                 adversarial = self.perturb(model, images.detach(), goal)
         finally:
-            model.train(was_training)
+            for module, training in modes.items():  # not model.train(was): a BatchNorm kept in eval stays in eval
+                module.training = training
         return adversarial.detach().clamp(0.0, 1.0).to(images.dtype)
 
     def _goal(self, labels: Tensor, target: Tensor | None) -> Tensor:

@@ -21,12 +21,14 @@ class GN(Attack):
     Args:
         sigma: standard deviation in ``[0, 1]`` intensity units (float or ``"8/255"``).
         seed: noise seed (same seed, same noise); ``None`` follows the global torch RNG.
+        allow_large_budget: accept ``sigma >= 1`` (refused by default: almost always ``8`` meant as ``8/255``).
     """
 
     uses_gradients: ClassVar[bool] = False
 
     sigma: float = 8 / 255
     seed: int | None = None
+    allow_large_budget: bool = False
 
     def __post_init__(self) -> None:
         set_budgets(self, "sigma")
