@@ -123,8 +123,57 @@ def test_segpgd_weights_hand_computed():
 
 def test_target_rules():
     labels = torch.tensor([0, 1, 2, 3]).view(1, 1, 1, 1, 4)
-    assert TARGETS["background"](labels).sum() == 0
-    assert TARGETS["foreground_swap"](labels).flatten().tolist() == [0, 2, 3, 1]
+    assert TARGETS["background"](labels, 4).sum() == 0
+    assert TARGETS["foreground_swap"](labels, 4).flatten().tolist() == [0, 2, 3, 1]
+    assert TARGETS["foreground_swap"](labels, 5).flatten().tolist() == [0, 2, 3, 4]  # K, not the classes present
+
+
+def test_target_rules_ignore_which_classes_a_tile_holds():
+    """A tile or batch holding only class 1 still maps 1 -> 2 (the old rule used the largest label present and
+    returned the truth itself there), and the same class gets the same target everywhere."""
+    from robustseg.attacks.targets import derive_target
+
+    whole = torch.tensor([0, 1, 2, 3, 1, 2]).view(1, 1, 1, 1, 6)
+    target = derive_target("foreground_swap", whole, 4)
+    for part in (slice(0, 2), slice(1, 3), slice(4, 6)):
+        assert torch.equal(derive_target("foreground_swap", whole[..., part], 4), target[..., part])
+    assert derive_target("foreground_swap", whole[..., :2], 4).flatten().tolist() == [0, 2]
+
+
+def test_target_errors():
+    from robustseg.attacks.targets import check_target, derive_target
+    from robustseg.errors import ConfigError
+
+    labels = torch.tensor([0, 1, 1]).view(1, 1, 1, 1, 3)
+    with pytest.raises(ConfigError, match="num_classes >= 3"):
+        derive_target("foreground_swap", labels, 2)  # one foreground class: it would map to itself
+    with pytest.raises(ValueError, match="model has 2 classes"):
+        derive_target("background", labels + 1, 2)
+    with pytest.raises(ValueError, match="equals the true labels"):
+        check_target(labels.clone(), labels)
+    check_target(torch.zeros_like(labels), labels)
+
+
+def test_targeted_attack_reads_num_classes_from_the_model():
+    """Without num_classes the rule gets K from the logits (one extra gradient-free forward), not from the batch."""
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(1, 4, 1)
+
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return self.conv(x)
+
+    images = torch.rand(2, 1, 4, 4, 4)
+    labels = torch.ones(2, 1, 4, 4, 4, dtype=torch.long)  # only class 1 present
+    attack = ATTACKS.build({"name": "pgd", "steps": 1, "targeted": True, "target": "foreground_swap", "seed": 0})
+    assert torch.equal(attack.goal(Spy(), images, labels), torch.full_like(labels, 2))
+    assert seen == [1]  # a probe of one volume
+    assert torch.equal(attack.goal(Spy(), images, labels, num_classes=3), torch.full_like(labels, 2))
+    assert seen == [1]  # num_classes given: no probe
 
 
 class Sensitive(nn.Module):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_volume_batch
 from torch import Tensor, nn
 
-from robustseg.attacks import ATTACKS, LOSSES, SlidingWindowModel, attack_volume
+from robustseg.attacks import ATTACKS, LOSSES, Attack, SlidingWindowModel, attack_volume
 from robustseg.attacks.volume import tile_starts
 
 
@@ -111,3 +113,58 @@ def test_attack_volume_rejects_bad_arguments(tiny_net, odd_volume):
         attack_volume(attack, tiny_net, odd_volume["image"], odd_volume["label"], mode="slices", roi_size=16)
     with pytest.raises(ValueError, match="label"):
         attack_volume(attack, tiny_net, odd_volume["image"], odd_volume["label"][0], roi_size=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpy(Attack):
+    """Returns its input and records the label map its objective would use (the target map when targeted)."""
+
+    targeted: bool = True
+    target: str = "foreground_swap"
+    seen: list = dataclasses.field(default_factory=list, compare=False)
+
+    def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        self.seen.append(labels.clone())
+        return images
+
+
+def test_tiles_get_the_target_derived_once_from_the_whole_volume():
+    """Issue 10: class 2 mapped to 1 in one tile and to 3 in another, and a tile whose largest label was 1 got
+    target == labels. Now every tile sees its crop of one whole-volume map (K from the model)."""
+    label = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
+    label[:, :, :8, :8, :8] = 1  # a tile holding only class 1
+    label[:, :, 8:, :8, :8] = 2  # a tile holding only class 2
+    label[:, :, 8:, 8:, 8:] = torch.tensor([2, 3]).repeat(4)  # a tile holding classes 2 and 3
+    image = torch.rand(1, 1, 16, 16, 16)
+    spy = TargetSpy()
+    attack_volume(spy, nn.Conv3d(1, 4, 1), image, label, mode="tiles", roi_size=8, sw_batch_size=8)
+    (tiles,) = spy.seen  # (8, 1, 8, 8, 8): one batch of 8 tiles in C order
+    expected = torch.where(label > 0, label % 3 + 1, label)  # K = 4: 1 -> 2, 2 -> 3, 3 -> 1
+    assert torch.equal(tiles[0:1], expected[:, :, :8, :8, :8]) and tiles[0].max() == 2
+    assert torch.equal(tiles[4:5], expected[:, :, 8:, :8, :8]) and tiles[4].max() == 3
+    assert torch.equal(tiles[7:8], expected[:, :, 8:, 8:, 8:])
+    pipeline = TargetSpy()
+    attack_volume(pipeline, nn.Conv3d(1, 4, 1), image, label, mode="pipeline", roi_size=8)
+    assert torch.equal(pipeline.seen[0], expected)
+
+
+def test_explicit_target_equal_to_the_truth_is_refused(odd_volume):
+    attack = ATTACKS.build({"name": "pgd", "steps": 1, "targeted": True})
+    with pytest.raises(ValueError, match="equals the true labels"):
+        attack_volume(
+            attack, VoxelNet(), odd_volume["image"], odd_volume["label"], roi_size=16, target=odd_volume["label"]
+        )
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_l2_budget_is_per_volume_in_tiles_mode(random_start, odd_volume):
+    """Issue 10: 4 tiles at eps 0.5 gave a volume L2 of 1.0. The volume's ball is shared by its tiles."""
+    image, label = odd_volume["image"], odd_volume["label"]  # 8 tiles of 16^3
+    attack = ATTACKS.build(
+        {"name": "pgd_l2", "eps": 0.5, "step_size": 0.25, "steps": 3, "random_start": random_start, "seed": 0}
+    )
+    tiled = attack_volume(attack, VoxelNet(), image, label, mode="tiles", roi_size=16, sw_batch_size=4)
+    norm = (tiled - image).flatten().norm()
+    assert 0.45 < norm <= 0.5 + 1e-5  # the whole budget spent, never more
+    pipeline = attack_volume(attack, VoxelNet(), image, label, mode="pipeline", roi_size=16)
+    assert (pipeline - image).flatten().norm() <= 0.5 + 1e-5

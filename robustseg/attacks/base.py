@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustseg.attacks.targets import TARGETS
+from robustseg.attacks.targets import derive_target
 from robustseg.errors import ConfigError, RobustsegError
 
 
@@ -106,6 +106,28 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode; on exit give every submodule back its own ``training`` flag.
+
+    Not ``model.train(was_training)``, which would reset a BatchNorm deliberately kept in eval inside a training
+    model.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@torch.no_grad()
+def output_classes(model: nn.Module, images: Tensor) -> int:
+    """The number of classes ``K`` of ``model``: the channels of its logits on ``images``, one forward, no graph."""
+    return int(model(images).shape[1])
+
+
 class AttackInputError(RobustsegError, ValueError):
     """The images given to an attack are not a valid ``[0, 1]`` volume (non-finite, or outside the range)."""
 
@@ -144,7 +166,8 @@ class Attack(abc.ABC):
     * Every submodule's own ``training`` flag is restored on exit (a BatchNorm kept in eval inside a training
       model stays in eval). Subclasses are frozen dataclasses: no state survives a call.
     * Targeted attacks (``targeted=True``) move the prediction towards ``target``: a label map passed as the
-      ``target`` keyword, else the map the named rule ``self.target`` derives from ``labels`` (see ``TARGETS``).
+      ``target`` keyword, else the map the named rule ``self.target`` derives from ``labels`` and the model's
+      ``num_classes`` (see :meth:`goal` and ``TARGETS``), the same for every tile, batch and case.
 
     Class attributes: ``threat_model`` is ``"linf"`` or ``"l2"`` for attacks bounded by their ``eps`` field (the
     evaluator audits it), ``None`` otherwise; ``uses_gradients`` is False for random baselines.
@@ -153,7 +176,15 @@ class Attack(abc.ABC):
     threat_model: ClassVar[str | None] = None
     uses_gradients: ClassVar[bool] = True
 
-    def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, *, target: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        target: Tensor | None = None,
+        num_classes: int | None = None,
+    ) -> Tensor:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 f"{type(self).__name__} needs autograd but torch.inference_mode is on: build the Trainer with "
@@ -170,19 +201,28 @@ class Attack(abc.ABC):
                 f"{labels.dtype}"
             )
         check_unit_range(images, type(self).__name__)
-        goal = self._goal(labels.long(), target)
-        modes = {module: module.training for module in model.modules()}  # each submodule's own flag
-        model.eval()  # attack the deployed model; also keeps BatchNorm running statistics untouched
-        try:
+        with eval_mode(model):  # attack the deployed model; also keeps BatchNorm running statistics untouched
+            goal = self.goal(model, images, labels.long(), target=target, num_classes=num_classes)
             with torch.enable_grad(), frozen_parameters(model):
                 adversarial = self.perturb(model, images.detach(), goal)
-        finally:
-            for module, training in modes.items():  # not model.train(was): a BatchNorm kept in eval stays in eval
-                module.training = training
         return adversarial.detach().clamp(0.0, 1.0).to(images.dtype)
 
-    def _goal(self, labels: Tensor, target: Tensor | None) -> Tensor:
-        """The label map the objective refers to: ``labels`` (untargeted) or the target map (targeted)."""
+    def goal(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        target: Tensor | None = None,
+        num_classes: int | None = None,
+    ) -> Tensor:
+        """The label map the objective refers to: ``labels`` (untargeted) or the target map (targeted).
+
+        A targeted attack without an explicit ``target`` derives it with the rule ``self.target`` from ``labels``
+        and the model's number of classes: ``num_classes`` when given, else read from one gradient-free forward of
+        ``images[:1]`` (the same on every call, so DDP ranks stay in step). Never from the classes a tile or batch
+        happens to contain.
+        """
         targeted = bool(getattr(self, "targeted", False))
         if target is not None:
             if not targeted:
@@ -192,9 +232,11 @@ class Attack(abc.ABC):
                     f"{type(self).__name__}: target map shape {tuple(target.shape)} != labels {tuple(labels.shape)}"
                 )
             return target.to(labels.device).long()
-        if targeted:
-            return TARGETS[self.target](labels)  # type: ignore[attr-defined]
-        return labels
+        if not targeted:
+            return labels
+        if num_classes is None:
+            num_classes = output_classes(model, images[:1])
+        return derive_target(self.target, labels, num_classes)  # type: ignore[attr-defined]
 
     @abc.abstractmethod
     def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:

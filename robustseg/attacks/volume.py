@@ -18,7 +18,8 @@ from monai.data.utils import compute_importance_map, dense_patch_slices, get_val
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
-from robustseg.attacks.base import Attack
+from robustseg.attacks.base import Attack, check_unit_range, eval_mode, output_classes
+from robustseg.attacks.targets import check_target
 
 MODES = ("pipeline", "tiles")
 SIGMA_SCALE = 0.125  # MONAI's default Gaussian blending width; scoring must use the same
@@ -174,6 +175,17 @@ def _tiles(size: Sequence[int], roi: Sequence[int]) -> Iterator[tuple[tuple[slic
         yield tile, keep
 
 
+def project_l2(image: Tensor, adversarial: Tensor, eps: float) -> Tensor:
+    """Project ``adversarial - image`` of each volume ``(B, C, D, H, W)`` onto the L2 ball of radius ``eps``.
+
+    Shrinking towards ``image`` keeps a ``[0, 1]`` result in ``[0, 1]`` (the segment between two points of a box).
+    """
+    delta = adversarial - image
+    norm = delta.flatten(1).norm(dim=1)  # (B,)
+    scale = torch.where(norm > eps, eps / norm.clamp_min(1e-12), torch.ones_like(norm))
+    return image + delta * scale.view(-1, 1, 1, 1, 1)
+
+
 def attack_tiles(
     attack: Attack,
     model: nn.Module,
@@ -183,7 +195,13 @@ def attack_tiles(
     sw_batch_size: int,
     target: Tensor | None,
 ) -> Tensor:
-    """The papers' protocol: attack ROI tiles independently, ``sw_batch_size`` at a time, and stitch them."""
+    """The papers' protocol: attack ROI tiles independently, ``sw_batch_size`` at a time, and stitch them.
+
+    Budgets stay whole-volume budgets: L-inf is per voxel; an L2 attack runs each tile at the full radius and the
+    stitched perturbation is projected onto the volume's L2 ball (for a linear loss this equals splitting the
+    radius evenly between the tiles, and it also spends the budget the discarded tile overlaps would waste).
+    A targeted attack gets ``target``, derived once from the whole volume.
+    """
     size = image.shape[2:]
     grown = [max(n, r) for n, r in zip(size, roi)]  # a volume smaller than the ROI is zero-padded to it
     pad = [0, grown[2] - size[2], 0, grown[1] - size[1], 0, grown[0] - size[0]]
@@ -201,7 +219,26 @@ def attack_tiles(
         for j, (tile, keep) in enumerate(batch):
             region = tuple(slice(t.start + k.start, t.start + k.stop) for t, k in zip(tile, keep))
             out[(slice(None), slice(None), *region)] = adversarial[(slice(j, j + 1), slice(None), *keep)]
-    return out[:, :, : size[0], : size[1], : size[2]]
+    out = out[:, :, : size[0], : size[1], : size[2]]  # (1, C, D, H, W)
+    if attack.threat_model == "l2":
+        out = project_l2(image, out, attack.eps)  # type: ignore[attr-defined]
+    return out
+
+
+def volume_target(
+    attack: Attack, model: nn.Module, image: Tensor, label: Tensor, roi: tuple[int, int, int], num_classes: int | None
+) -> Tensor | None:
+    """The target map ``(1, 1, D, H, W)`` of a targeted attack, derived once from the whole volume.
+
+    ``num_classes`` defaults to the channels of the model's logits on one ROI tile (one gradient-free forward).
+    """
+    if not getattr(attack, "targeted", False):
+        return None
+    if num_classes is None:
+        tile, _ = _pad_to_roi(image[:, :, : roi[0], : roi[1], : roi[2]], roi)  # (1, C, *roi)
+        with eval_mode(model):
+            num_classes = output_classes(model, tile)
+    return attack.goal(model, image, label.long(), num_classes=num_classes)
 
 
 def attack_volume(
@@ -217,6 +254,7 @@ def attack_volume(
     memory_bounded: bool = False,
     blend_mode: str = "gaussian",
     target: Tensor | None = None,
+    num_classes: int | None = None,
 ) -> Tensor:
     """Adversarial version ``(1, C, D, H, W)`` of a whole volume ``image`` with labels ``label`` ``(1, 1, D, H, W)``.
 
@@ -228,7 +266,12 @@ def attack_volume(
         sw_batch_size: windows (pipeline) or tiles (tiles) per forward; keep >= 2 on CPU, where 3D
             convolutions of batch 1 take a slow path.
         memory_bounded: pipeline only: same gradient, memory of one window batch (:class:`SlidingWindowModel`).
-        target: explicit target map ``(1, 1, D, H, W)`` for a targeted attack.
+        target: explicit target map ``(1, 1, D, H, W)`` for a targeted attack; by default the attack's rule derives
+            it once from the whole volume, before any tiling.
+        num_classes: the model's classes, for the target rule; by default read from one forward of one ROI tile.
+
+    Budgets are whole-volume budgets in both modes: in tiles mode an L2 attack's tiles share one ball (the stitched
+    perturbation is projected onto it, :func:`attack_tiles`).
     """
     if mode not in MODES:
         raise ValueError(f"attack_volume: mode must be one of {MODES}, got {mode!r}")
@@ -240,6 +283,11 @@ def attack_volume(
     if sw_batch_size < 1:
         raise ValueError(f"attack_volume: sw_batch_size must be >= 1, got {sw_batch_size}")
     roi = _roi(roi_size)
+    check_unit_range(image, f"attack_volume({type(attack).__name__})")
+    if target is None:
+        target = volume_target(attack, model, image, label, roi, num_classes)
+    else:
+        check_target(target.long(), label.long(), f"attack_volume({type(attack).__name__})")
     if mode == "tiles":
         if image.shape[0] != 1:
             raise ValueError(f"attack_volume: tiles mode takes one volume (1, C, D, H, W), got {tuple(image.shape)}")
