@@ -112,3 +112,62 @@ def test_dct_round_trip_and_bands_partition():
     assert torch.allclose(low + high, x, atol=1e-5)
     smooth = torch.ones(1, 8, 8, 8)
     assert torch.allclose(band_filter(smooth, 0.0, 0.05), smooth, atol=1e-5)  # a constant is pure DC
+
+
+def test_monotonic_flag_on_vafa_q_max_axis():
+    """VAFA's budget axis is q_max: a Dice that rises from q_max=10 to q_max=30 is flagged; eps curves apart."""
+    rows = [
+        _row("", "a", "clean", "0", 0.0, 0.9),
+        _row("a", "a", "vafa", "q_max=10", None, 0.5),
+        _row("a", "a", "vafa", "q_max=30", None, 0.7),
+        _row("a", "a", "pgd", "4/255", 4 / 255, 0.6),
+        _row("a", "a", "pgd", "8/255", 8 / 255, 0.4),
+    ]
+    flags = {f.detail.split(" ")[0]: f for f in checks.check_monotonic(rows)}
+    assert (
+        flags["vafa"].raised
+        and "over q_max" in flags["vafa"].detail
+        and "0.5000@10 -> 0.7000@30" in flags["vafa"].detail
+    )
+    assert not flags["pgd"].raised
+    rows[2]["dice_mean"] = 0.3
+    assert not any(f.raised for f in checks.check_monotonic(rows))
+
+
+def test_transfer_is_compared_with_the_strongest_whitebox_attack():
+    white = [_row("a", "a", "pgd", "8/255", 8 / 255, 0.40), _row("a", "a", "fgsm", "8/255", 8 / 255, 0.20)]
+    # transfer PGD (0.30) beats white-box PGD (0.40) but not the strongest white-box attack (FGSM, 0.20)
+    flags = checks.check_transfer_vs_whitebox([*white, _row("b", "a", "pgd", "8/255", 8 / 255, 0.30)])
+    assert len(flags) == 1 and not flags[0].raised and "strongest white-box (fgsm) 0.2000" in flags[0].detail
+    # a transfer attack with no white-box twin is still compared (with the strongest white-box attack)
+    flags = checks.check_transfer_vs_whitebox([*white, _row("b", "a", "vmi_fgsm", "8/255", 8 / 255, 0.10)])
+    assert len(flags) == 1 and flags[0].raised
+    # the same budget value written differently still matches
+    flags = checks.check_transfer_vs_whitebox([*white, _row("b", "a", "pgd", "0.031372549", 8 / 255, 0.10)])
+    assert flags[0].raised and flags[0].checked
+
+
+def test_checks_that_cannot_run_say_not_checked_and_why():
+    transfer_only = [_row("b", "a", "pgd", "8/255", 8 / 255, 0.3)]
+    flags = checks.check_transfer_vs_whitebox(transfer_only)
+    assert len(flags) == 1 and not flags[0].checked and not flags[0].raised
+    assert flags[0].detail.startswith("not checked:") and "also_whitebox=true" in flags[0].detail
+    assert flags[0].status == "not checked"
+    (none,) = checks.check_transfer_vs_whitebox([_row("a", "a", "pgd", "8/255", 8 / 255, 0.3)])
+    assert not none.checked and "no transfer or noise attack" in none.detail
+    (mono,) = checks.check_monotonic([_row("", "a", "clean", "0", 0.0, 0.9)])
+    assert not mono.checked
+    everything = checks.result_flags([_row("", "a", "clean", "0", 0.0, 0.9)], [])
+    names = {f.name: f for f in everything}
+    assert {"determinism", "gradients", "eps_zero", "monotonic", "transfer_vs_whitebox", "budget"} <= set(names)
+    assert all(not f.checked for f in names.values()) and not any(f.raised for f in everything)
+    assert checks.Flag(**checks.not_checked("x", "y").to_dict()).status == "not checked"
+
+
+def test_nsd_tolerance_flag():
+    ok = {"nsd_tolerance_mm": 2.0, "spacing": [1.5, 1.5, 2.0]}
+    small = {"nsd_tolerance_mm": 1.0, "spacing": [1.5, 1.5, 2.0]}
+    assert not checks.check_nsd_tolerance([ok]).raised
+    flag = checks.check_nsd_tolerance([ok, small])
+    assert flag.raised and "1 record(s) below" in flag.detail and "largest voxel spacing 2 mm" in flag.detail
+    assert not checks.check_nsd_tolerance([{"spacing": [1, 1, 1]}]).checked

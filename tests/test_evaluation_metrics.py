@@ -10,6 +10,7 @@ import torch
 from robustseg.evaluation.metrics import (
     dice_per_class,
     flip_rate,
+    nsd_tolerance,
     perturbation_metrics,
     psnr,
     segmentation_metrics,
@@ -60,6 +61,7 @@ def test_empty_prediction_policy_and_count():
     assert out["nsd"] == pytest.approx([0.0, 1.0, 0.0])
     assert out["dice"][1:] == pytest.approx([0.0, 1.0, 0.0])
     assert out["hd95_empty_pred"] == 1  # only class 1: empty prediction, non-empty ground truth
+    assert out["hd95_empty_truth"] == 1  # only class 3: predicted where the ground truth is empty
     assert not any(math.isnan(v) for v in out["hd95"] + out["nsd"])
 
 
@@ -71,6 +73,20 @@ def test_nsd_tolerance():
     tight = segmentation_metrics(shifted, label, 2, (2, 1, 1), nsd_tolerance_mm=1.0)["nsd"][0]
     loose = segmentation_metrics(shifted, label, 2, (2, 1, 1), nsd_tolerance_mm=2.0)["nsd"][0]
     assert tight < 1.0 and loose == pytest.approx(1.0)
+
+
+def test_nsd_tolerance_defaults_to_the_largest_spacing_and_warns_when_smaller(caplog):
+    """BTCV-like 1.5 x 1.5 x 2 mm voxels: the default tolerance is 2 mm; 1 mm is used but warned about."""
+    label = torch.zeros(10, 10, 10, dtype=torch.long)
+    label[2:8, 2:8, 2:8] = 1
+    shifted = torch.roll(label, 1, dims=2)  # the boundary moves one voxel (2 mm) along W
+    default = segmentation_metrics(shifted, label, 2, (1.5, 1.5, 2.0))
+    assert default["nsd_tolerance_mm"] == 2.0 and default["nsd"][0] == pytest.approx(1.0)
+    assert nsd_tolerance((1.5, 1.5, 2.0)) == 2.0 and not caplog.records
+    with caplog.at_level("WARNING"):
+        tight = segmentation_metrics(shifted, label, 2, (1.5, 1.5, 2.0), nsd_tolerance_mm=1.0)
+    assert tight["nsd_tolerance_mm"] == 1.0 and tight["nsd"][0] < 1.0
+    assert "smaller than the largest voxel spacing 2 mm" in caplog.text
 
 
 def test_psnr_ssim_and_norms():
