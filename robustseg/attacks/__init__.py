@@ -6,7 +6,7 @@ Public API: ``ATTACKS.build({"name": ..., **fields})`` -> a frozen dataclass ``a
 
 from __future__ import annotations
 
-from robustseg.attacks import cospgd, noise, pgd, segpgd, transfer, vafa  # noqa: F401  (import = registration)
+from robustseg.attacks import apgd, cospgd, noise, pgd, segpgd, transfer, vafa  # noqa: F401  (import = registration)
 from robustseg.attacks.base import Attack, parse_budget
 from robustseg.attacks.losses import LOSSES
 from robustseg.attacks.ssim import perceptibility, ssim3d

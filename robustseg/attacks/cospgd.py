@@ -40,7 +40,8 @@ class CosPGD(GradientAttack):
     """CosPGD (Agnihotri et al., "CosPGD: an efficient white-box adversarial attack for pixel-wise prediction
     tasks", ICML 2024), generalised to 3D: each voxel's CE is weighted by the cosine similarity between the
     softmax prediction and the one-hot label at that voxel (per voxel, not one scalar per volume). Targeted:
-    ``1 - cos`` and the loss is minimised towards the target map. L-inf budget as :class:`PGD`.
+    ``1 - cos`` and the loss is minimised towards the target map. L-inf budget as :class:`PGD`; ``track_best``
+    as :class:`PGD`.
     """
 
     eps: float = 8 / 255
@@ -50,6 +51,7 @@ class CosPGD(GradientAttack):
     targeted: bool = False
     target: str = "background"
     seed: int | None = None
+    track_best: bool = False
 
     def objective(self, model: nn.Module, x: Tensor, labels: Tensor, step: int) -> Tensor:
         return cospgd_loss(model(x), labels, targeted=self.targeted)

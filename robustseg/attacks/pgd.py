@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from robustseg.attacks.base import Attack, check_positive_int, make_generator, set_budgets
+from robustseg.attacks.best import BestTracker, OutputRecorder, track
 from robustseg.attacks.losses import LOSSES, check_loss
+from robustseg.attacks.sea_losses import UNTARGETED_ONLY
 from robustseg.attacks.targets import TARGETS
 from robustseg.errors import ConfigError
 from robustseg.registry import ATTACKS
@@ -26,7 +28,10 @@ class GradientAttack(Attack):
     * :meth:`ascend` - the step from the gradient (momentum lives here);
     * :meth:`project` and :meth:`init_delta` - the threat model (L-inf here, L2 in :class:`PGDL2`).
 
-    Exactly ``steps * forwards_per_step`` model forwards are run, whatever the data.
+    Exactly ``steps * forwards_per_step`` model forwards are run, whatever the data; with ``track_best`` (a field
+    of every subclass) one more, a gradient-free forward scoring the last iterate, and the visited point with the
+    lowest foreground Dice per volume is returned instead of the last iterate (:class:`~robustseg.attacks.best.
+    BestTracker`; the logits of the gradient passes are reused, so tracking adds no other pass).
     """
 
     threat_model: ClassVar[str | None] = "linf"
@@ -47,6 +52,10 @@ class GradientAttack(Attack):
             TARGETS[self.target]  # noqa: B018  (raises ConfigError naming the known rules)
         if hasattr(self, "loss"):
             check_loss(self.loss, name, targeted=self.targeted)
+            if self.targeted and self.loss in UNTARGETED_ONLY:
+                raise ConfigError(f"{name}.loss: {self.loss} is untargeted only (its mask needs the true labels)")
+        if getattr(self, "track_best", False) and self.targeted:
+            raise ConfigError(f"{name}.track_best: tracks the lowest Dice to the true labels; untargeted only")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"{name}.seed: expected an integer or null, got {self.seed!r}")
 
@@ -81,18 +90,35 @@ class GradientAttack(Attack):
         """Project onto the L-inf ball of radius ``eps``."""
         return delta.clamp(-self.eps, self.eps)
 
+    def tracking(
+        self, model: nn.Module, images: Tensor, labels: Tensor
+    ) -> tuple[BestTracker | None, OutputRecorder | None]:
+        """With ``track_best``: a tracker and a recorder wrapping ``model`` (use it for the gradient passes)."""
+        if not getattr(self, "track_best", False):
+            return None, None
+        return BestTracker(images, labels), OutputRecorder(model)
+
     # loop -------------------------------------------------------------------------------------------------------
     def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         generator = make_generator(self.seed, images.device)
         delta = self.init_delta(images, generator)
         delta = (images + delta).clamp(0, 1) - images  # keep images + delta a valid volume
+        tracker, recorder = self.tracking(model, images, labels)
+        net = recorder if recorder is not None else model
         memory: Any = None
         for step in range(self.steps):
-            grad = self.gradient(model, images + delta, labels, step, generator)
+            x = images + delta
+            if recorder is not None:
+                recorder.reset()
+            grad = self.gradient(net, x, labels, step, generator)
+            track(tracker, recorder, model, x)
             delta, memory = self.ascend(delta, grad, memory)
             delta = self.project(delta)
             delta = (images + delta).clamp(0, 1) - images
-        return images + delta
+        if tracker is None:
+            return images + delta
+        track(tracker, None, model, images + delta)  # the last iterate: one gradient-free forward
+        return tracker.best
 
 
 @ATTACKS.register("pgd")
@@ -110,6 +136,8 @@ class PGD(GradientAttack):
         targeted: minimise the loss towards a target map instead of maximising it against the labels.
         target: rule in ``TARGETS`` deriving the target map from the labels (unless one is passed on call).
         seed: seed of the random start; ``None`` follows the global torch RNG.
+        track_best: return the visited point with the lowest foreground Dice per volume, not the last iterate
+            (one extra forward); untargeted only.
     """
 
     eps: float = 8 / 255
@@ -120,6 +148,7 @@ class PGD(GradientAttack):
     targeted: bool = False
     target: str = "background"
     seed: int | None = None
+    track_best: bool = False
 
 
 @ATTACKS.register("bim")

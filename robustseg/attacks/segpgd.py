@@ -38,7 +38,7 @@ class SegPGD(GradientAttack):
     """SegPGD (Gu et al., "SegPGD: An Effective and Efficient Adversarial Attack for Evaluating and Boosting
     Segmentation Robustness", ECCV 2022): per-voxel CE weighted ``1 - lambda_t`` on correctly and ``lambda_t``
     on wrongly predicted voxels, ``lambda_t = t / (2T)``, summed over all voxels and divided by their count.
-    L-inf budget as :class:`PGD`.
+    L-inf budget as :class:`PGD`; ``track_best`` as :class:`PGD`.
     """
 
     eps: float = 8 / 255
@@ -48,6 +48,7 @@ class SegPGD(GradientAttack):
     targeted: bool = False
     target: str = "background"
     seed: int | None = None
+    track_best: bool = False
 
     def objective(self, model: nn.Module, x: Tensor, labels: Tensor, step: int) -> Tensor:
         return segpgd_loss(model(x), labels, segpgd_lambda(step, self.steps), targeted=self.targeted)

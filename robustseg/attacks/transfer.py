@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustseg.attacks.base import check_positive_int, make_generator, parse_budget
+from robustseg.attacks.best import track
 from robustseg.attacks.losses import LOSSES
 from robustseg.attacks.pgd import GradientAttack
 from robustseg.errors import ConfigError
@@ -62,6 +63,7 @@ class MIFGSM(GradientAttack):
 
     Args:
         decay: momentum factor ``mu``.
+        track_best: return the visited point with the lowest foreground Dice (as :class:`~robustseg.attacks.pgd.PGD`).
     """
 
     eps: float = 8 / 255
@@ -73,6 +75,7 @@ class MIFGSM(GradientAttack):
     targeted: bool = False
     target: str = "background"
     seed: int | None = None
+    track_best: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,9 +149,14 @@ class VMIFGSM(MIFGSM):
         momentum: Tensor | None = None
         variance = torch.zeros_like(images)
         radius = self.beta * self.eps
+        tracker, recorder = self.tracking(model, images, labels)
+        net = recorder if recorder is not None else model
         for step in range(self.steps):
             x = images + delta
-            grad = self.gradient(model, x, labels, step, generator)
+            if recorder is not None:
+                recorder.reset()
+            grad = self.gradient(net, x, labels, step, generator)
+            track(tracker, recorder, model, x)
             tuned = _l1_normalise(grad + variance)
             momentum = tuned if momentum is None else self.decay * momentum + tuned
             neighbours = torch.zeros_like(images)
@@ -158,4 +166,7 @@ class VMIFGSM(MIFGSM):
             variance = neighbours / self.n_samples - grad
             delta = self.project(delta + self.step_size * momentum.sign())
             delta = (images + delta).clamp(0, 1) - images
-        return images + delta
+        if tracker is None:
+            return images + delta
+        track(tracker, None, model, images + delta)
+        return tracker.best
