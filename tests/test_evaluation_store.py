@@ -54,8 +54,19 @@ def test_corrupt_or_stale_volume_is_regenerated(tmp_path, damage):
     assert torch.equal(out, fresh)
 
 
-def _rec(case: str, attack: str = "pgd") -> dict:
-    return {"source": "unet", "target": "unet", "attack": attack, "budget": "4/255", "case_id": case, "dice": 0.5}
+def _rec(case: str, attack: str = "pgd", sid: str = "s1") -> dict:
+    return {
+        "source": "unet",
+        "target": "unet",
+        "attack": attack,
+        "budget": "4/255",
+        "case_id": case,
+        "dice": 0.5,
+        "settings_id": sid,
+    }
+
+
+IDENTITY = {"threat model": {"mode": "pipeline", "seed": 0}, "attacks": [{"preset": "pgd", "config": {"steps": 2}}]}
 
 
 def test_resume_after_truncated_line(tmp_path):
@@ -79,18 +90,35 @@ def test_shards_partition_cases_and_merge(tmp_path):
     for i, part in enumerate(parts):
         keys = [record_key(_rec(c)) for c in part]
         write_manifest(tmp_path, i, 3, part, keys)
+        with pytest.raises(ConfigError, match="has not finished"):
+            merge_shards(tmp_path, 3)  # a manifest without identities: the shard never finished
+        write_manifest(tmp_path, i, 3, part, keys, settings_ids=["s1"] * len(keys), identity=IDENTITY)
         log = CaseLog(log_path(tmp_path, i, 3))
+        log.append(_rec(part[0], sid="old"))  # a record of other settings stays on disk, never merged
         for c in part:
             log.append(_rec(c))
         log.append(_rec(part[0]))  # a duplicate line (rerun) must not duplicate the result
     merged = merge_shards(tmp_path, 3)
     assert sorted(r["case_id"] for r in merged) == cases
+    assert {r["settings_id"] for r in merged} == {"s1"}
     # a lost record is detected
     path = log_path(tmp_path, 1, 3)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(line for line in lines if parts[1][-1] not in line))
     with pytest.raises(ConfigError, match="missing"):
         merge_shards(tmp_path, 3)
+
+
+def test_merge_refuses_shards_with_different_settings_naming_them(tmp_path):
+    """Issue 9: shard 0 in pipeline mode with 2 PGD steps and shard 1 in tiles mode with 1 step must not merge."""
+    other = {"threat model": {"mode": "tiles", "seed": 0}, "attacks": [{"preset": "pgd", "config": {"steps": 1}}]}
+    for i, identity in enumerate((IDENTITY, other)):
+        keys = [record_key(_rec(f"c{i}"))]
+        write_manifest(tmp_path, i, 2, [f"c{i}"], keys, settings_ids=["s1"], identity=identity)
+        CaseLog(log_path(tmp_path, i, 2)).append(_rec(f"c{i}"))
+    with pytest.raises(ConfigError, match="other settings") as err:
+        merge_shards(tmp_path, 2)
+    assert "threat model.mode" in str(err.value) and '"tiles"' in str(err.value) and "steps" in str(err.value)
 
 
 def test_parse_shard():

@@ -17,13 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robustseg.errors import ConfigError
-from robustseg.evaluation import checks
-from robustseg.evaluation.records import CaseLog, dedupe, read_records
+from robustseg.evaluation import checks, validate
+from robustseg.evaluation.costs import append_cost, read_costs, total_costs
+from robustseg.evaluation.identity import data_preprocessing, short_hash
+from robustseg.evaluation.lock import OutputLock, held
+from robustseg.evaluation.modelinfo import check_preprocessing, unique_labels
+from robustseg.evaluation.records import CaseLog
 from robustseg.evaluation.report import log_wandb, save_montage, write_outputs
 from robustseg.evaluation.resolve import LoadedModel, check_compatible, resolve_model
 from robustseg.evaluation.runner import Evaluator, SlidingWindow
-from robustseg.evaluation.shard import log_path, merge_shards, parse_shard, shard_cases, write_manifest
-from robustseg.evaluation.store import AdversarialStore, atomic_write_bytes
+from robustseg.evaluation.shard import log_path, merge_shards, parse_shard, read_manifests, shard_cases, write_manifest
+from robustseg.evaluation.store import AdversarialStore, atomic_write_bytes, case_slug
 from robustseg.evaluation.suite import as_list, build_suite
 from robustseg.evaluation.summary import summarise
 
@@ -46,25 +50,48 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def _models(cfg: DictConfig, data_names: list[str]) -> tuple[list[LoadedModel], LoadedModel | None]:
+    """Resolve targets and source; one checkpoint is one model, different checkpoints get distinct labels."""
     specs = [str(t) for t in as_list(cfg.target)]
     if not specs:
         raise ConfigError("target: name at least one model, e.g. --target unet or target=[unet,unetr]")
     which = str(cfg.get("checkpoint", "best"))
+    if which not in ("best", "last"):
+        raise ConfigError(f"checkpoint={which!r}: expected 'best' or 'last'")
+    mode = cfg.get("train_mode")
+    mode = None if mode in (None, "") else str(mode)
+    by_sha: dict[str, LoadedModel] = {}
     targets: list[LoadedModel] = []
     for spec in specs:
-        model = resolve_model(spec, cfg.runs_root, data_names, which)
-        if any(model.label == t.label for t in targets):
-            model.label = f"{model.label}#{len(targets)}"
+        model = resolve_model(spec, cfg.runs_root, data_names, which, mode)
+        if model.checkpoint_sha256 in by_sha:
+            log.warning(
+                "target %r is the same checkpoint as %r; evaluated once", spec, by_sha[model.checkpoint_sha256].label
+            )
+            continue
+        by_sha[model.checkpoint_sha256] = model
         targets.append(model)
     source = None
     if cfg.get("source"):
-        source = resolve_model(str(cfg.source), cfg.runs_root, data_names, which)
-        same = [t for t in targets if t.checkpoint_sha256 == source.checkpoint_sha256]
-        source = same[0] if same else source  # a target that is also the surrogate is attacked white-box
+        source = resolve_model(str(cfg.source), cfg.runs_root, data_names, which, mode)
+        source = by_sha.get(source.checkpoint_sha256, source)  # a target that is also the surrogate: white-box
+    unique_labels(targets + ([source] if source is not None and source not in targets else []))
     return targets, source
 
 
-def _settings(cfg: DictConfig, targets, source, suite, n_cases: int) -> dict[str, Any]:
+def model_info(m: LoadedModel) -> dict[str, Any]:
+    """What the report shows about a model: label, architecture, run directory, checkpoint, training mode."""
+    return {
+        "label": m.label,
+        "architecture": m.model_name,
+        "run_dir": m.run_dir,
+        "checkpoint": m.checkpoint,
+        "checkpoint_sha256": m.checkpoint_sha256,
+        "train_mode": m.train_mode,
+        "checkpoint_note": m.checkpoint_note,
+    }
+
+
+def _settings(cfg: DictConfig, targets, source, suite, n_cases: int, notes: list[str]) -> dict[str, Any]:
     window = cfg.data.get("intensity") or {}
     hu = (float(window["a_max"]) - float(window["a_min"])) if {"a_min", "a_max"} <= set(window) else None
 
@@ -74,38 +101,69 @@ def _settings(cfg: DictConfig, targets, source, suite, n_cases: int) -> dict[str
         text = f"{spec.label} {spec.budget} = {spec.eps:.5f}"
         return text + (f" (~{spec.eps * hu:.1f} HU)" if hu and cfg.data.get("modality") == "ct" else "")
 
-    return {
-        "data": f"{cfg.data.name} ({cfg.get('split', 'validation')}, {n_cases} case(s) in this run)",
+    models = targets + ([source] if source is not None and source not in targets else [])
+    out = {
+        "data": f"{cfg.data.name} ({cfg.get('split', 'validation')}, {n_cases} case(s))",
         "targets": ", ".join(
-            f"{t.label} [{t.model_name}, {Path(t.checkpoint).name} {t.checkpoint_sha256[:12]}]" for t in targets
+            f"{t.label} [{t.model_name}, {t.train_mode or '?'}, {Path(t.checkpoint).name} {t.checkpoint_sha256[:12]}]"
+            for t in targets
         ),
+        "models": [model_info(m) for m in models],
         "threat model": (f"transfer from {source.label}" + (" + white-box" if cfg.get("also_whitebox") else ""))
         if source
         else "white-box (each target is its own source)",
         "attacks": "; ".join(budget(s) for s in suite),
         "attack_mode": f"{cfg.attack_mode} (pipeline: through the scoring sliding window; tiles: papers' protocol)",
-        "sliding window": OmegaConf.to_container(cfg.sw, resolve=True),
-        "NSD tolerance (mm)": cfg.metrics.nsd_tolerance_mm,
+        "sliding window": {**OmegaConf.to_container(cfg.sw, resolve=True), "sigma_scale": SlidingWindow().sigma_scale},
+        "scored region": "each case's real voxels (padding added by the transforms is cropped off before scoring "
+        "and attacking)",
+        "NSD tolerance (mm)": cfg.metrics.get("nsd_tolerance_mm") or "the largest voxel spacing of each case",
         "frequency bands (normalised DCT radius)": OmegaConf.to_container(cfg.frequency.bands, resolve=True)
         if cfg.get("frequency") and cfg.frequency.get("bands")
         else "off",
         "seed": cfg.seed,
         "shard": cfg.shard,
     }
+    notes = [*notes, *(f"{m.label}: {m.checkpoint_note}" for m in models if m.checkpoint_note)]
+    if notes:
+        out["model notes"] = notes
+    return out
+
+
+def _window(cfg: DictConfig) -> SlidingWindow:
+    return SlidingWindow(
+        overlap=float(cfg.sw.overlap),
+        sw_batch_size=int(cfg.sw.sw_batch_size),
+        blend_mode=str(cfg.sw.blend_mode),
+        roi_size=tuple(cfg.sw.roi_size) if cfg.sw.get("roi_size") else None,
+    )
 
 
 def evaluate(cfg: DictConfig) -> Path:
     """Run (this shard of) the evaluation that ``cfg`` describes and return its output directory.
 
+    Nothing is written before the settings, the models and the output location are checked; the output
+    directory (and shard) is then locked against a second evaluation (``lock: fail | wait``).
+
     Raises:
         ConfigError, CheckpointError, DataError: bad settings, unusable checkpoints or data (named).
+        OutputLockedError: another live evaluation writes the same output directory and shard.
     """
+    validate.settings(cfg)
     out = output_dir(cfg)
     index, count = parse_shard(str(cfg.shard))
+    validate.output_location(out)
     if cfg.get("merge"):
-        return finalize(cfg, out, count)
-    if cfg.attack_mode not in ("pipeline", "tiles"):
-        raise ConfigError(f"attack_mode={cfg.attack_mode!r}: expected 'pipeline' or 'tiles'")
+        if not out.is_dir():
+            raise ConfigError(f"merge=true: output_dir {out} does not exist; run the shards first")
+        with OutputLock(out / ".lock.merge", str(cfg.get("lock", "fail"))):
+            busy = {i: held(lock_file(out, i, count)) for i in range(count)}
+            busy = {i: o for i, o in busy.items() if o}
+            if busy:
+                raise ConfigError(
+                    f"merge: shard(s) {sorted(busy)} of {count} are still running ({busy}); wait for them"
+                )
+            return finalize(cfg, out, count)
     torch.manual_seed(int(cfg.seed))
     suite = build_suite(  # first: a bad attack name fails before any data or checkpoint is read
         [str(a) for a in as_list(cfg.attacks)],
@@ -122,22 +180,35 @@ def evaluate(cfg: DictConfig) -> Path:
     if not cases:
         raise ConfigError(f"split={split!r}: the dataset {cfg.data.name} has no such split or it is empty")
     case_ids = sorted(str(c["case_id"]) for c in cases)
-    if cfg.get("max_cases"):
-        case_ids = case_ids[: int(cfg.max_cases)]
+    limit = validate.max_cases(cfg.get("max_cases"))
+    if limit is not None:
+        case_ids = case_ids[:limit]
     mine = shard_cases(case_ids, index, count)
 
     targets, source = _models(cfg, [str(cfg.data.name)])
-    intensity = OmegaConf.to_container(cfg.data.intensity, resolve=True) if cfg.data.get("intensity") else None
-    models = targets + ([source] if source else [])
-    check_compatible(models, int(cfg.data.num_classes), cfg.data.get("class_names"), intensity)
-    out.mkdir(parents=True, exist_ok=True)
-    montage_cases = set(mine[: int(cfg.get("montage_cases", 1))])
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    models = targets + ([source] if source is not None and source not in targets else [])
+    check_compatible(models, int(cfg.data.num_classes), cfg.data.get("class_names"), data_cfg.get("intensity"))
+    notes = check_preprocessing(models, data_cfg, bool(cfg.get("allow_preprocessing_mismatch", False)))
+    notes = [f"allow_preprocessing_mismatch=true: {n}" for n in notes]
 
+    validate.make_output_dir(out)  # everything is checked: from here on the output directory is ours
+    with OutputLock(lock_file(out, index, count), str(cfg.get("lock", "fail"))):
+        return _run_shard(cfg, out, index, count, suite, datamodule, cases, mine, targets, source, notes)
+
+
+def lock_file(out: Path, index: int, count: int) -> Path:
+    """The lock of one shard of an output directory."""
+    return out / f".lock.shard-{index}-of-{count}"
+
+
+def _run_shard(cfg, out, index, count, suite, datamodule, cases, mine, targets, source, notes) -> Path:
+    montage_cases = set(mine[: int(cfg.get("montage_cases", 1))])
     last_budget = {s.label: s.budget for s in suite}  # one montage per attack: its largest (last) budget
 
     def montage(src, tgt, spec, case_id, *volumes) -> None:
         if case_id in montage_cases and spec.budget == last_budget[spec.label]:
-            name = f"{case_id}_{src.label}_to_{tgt.label}_{spec.label}.png"
+            name = f"{case_slug(case_id)}_{src.label}_to_{tgt.label}_{spec.label}.png"
             title = f"{spec.label}@{spec.budget} from {src.label} on {tgt.label}, case {case_id}"
             save_montage(out / "montages" / re.sub(r"[^A-Za-z0-9_.@-]+", "_", name), *volumes, title=title)
 
@@ -148,48 +219,55 @@ def evaluate(cfg: DictConfig) -> Path:
         suite,
         AdversarialStore(out / "adversarial"),
         CaseLog(log_path(out, index, count)),
-        window=SlidingWindow(
-            overlap=float(cfg.sw.overlap),
-            sw_batch_size=int(cfg.sw.sw_batch_size),
-            blend_mode=str(cfg.sw.blend_mode),
-            roi_size=tuple(cfg.sw.roi_size) if cfg.sw.get("roi_size") else None,
-        ),
+        window=_window(cfg),
         mode=str(cfg.attack_mode),
         memory_bounded=bool(cfg.memory_bounded),
         seed=int(cfg.seed),
-        nsd_tolerance_mm=float(cfg.metrics.nsd_tolerance_mm),
+        nsd_tolerance_mm=None if cfg.metrics.get("nsd_tolerance_mm") is None else float(cfg.metrics.nsd_tolerance_mm),
         bands=OmegaConf.to_container(bands, resolve=True) if bands else None,
         max_zero_grad_fraction=float(cfg.checks.max_zero_grad_fraction),
         montage=montage,
         also_whitebox=bool(cfg.get("also_whitebox", False)),
+        data=data_preprocessing(OmegaConf.to_container(cfg.data, resolve=True)),
+        progress=None,
     )
     keys = [k for c in mine for k in evaluator.keys(c)]
-    write_manifest(out, index, count, mine, keys)
-    run_file = out / f"run.shard-{index}-of-{count}.json"
-    if run_file.exists() and all(evaluator.done(k) for k in keys):
-        # a finished shard: nothing to compute; its run file keeps the flags and costs it measured
-        log.info("shard %d/%d: all %d results already in %s; nothing to do", index, count, len(keys), out)
-        return finalize(cfg, out, count) if count == 1 else out
-    dataset = datamodule.eval_dataset(split)
+    write_manifest(out, index, count, mine, keys)  # the partition; completed with identities at the end
+    dataset = datamodule.eval_dataset(str(cfg.get("split", "validation")))
     position = {str(c["case_id"]): i for i, c in enumerate(cases)}
-    stats = evaluator.run(dataset[position[c]] for c in mine)
-    flags = [f.to_dict() for f in evaluator.flags]
+    stats = evaluator.run((dataset[position[c]] for c in mine), total=len(mine))
+    run_id = evaluator.run_identity()
+    run_sha = short_hash(run_id)
+    run_file = out / f"run.shard-{index}-of-{count}.json"
+    previous = json.loads(run_file.read_text()) if run_file.exists() else {}
+    if evaluator.checked:
+        flags = [f.to_dict() for f in evaluator.flags]
+    elif previous.get("identity_sha256") == run_sha:
+        flags = previous["flags"]  # nothing was computed: the flags measured with these settings stay valid
+    else:
+        log.info("all results exist but no flags for these settings: running the checks on case %s", mine[0])
+        from robustseg.evaluation.region import real_case
+
+        image, label, *_ = real_case(dataset[position[mine[0]]])
+        evaluator.run_checks(image, label)
+        flags = [f.to_dict() for f in evaluator.flags]
+    overhead = {f"check {k}": v for k, v in stats.overhead_passes.items()}
+    append_cost(out, index, count, run_sha, stats.seconds, stats.records_written, stats.records_skipped, overhead)
     payload = {
+        "identity_sha256": run_sha,
+        "identity": run_id,
         "flags": flags,
-        "stats": {
-            "attack generations (this run)": stats.generations,
-            "adversarial volumes reused from the store": stats.reused_volumes,
-            "sources x attacks x cases": len(evaluator.plan()) * len(suite) * len(mine),
-            **{f"attack {k}": v for k, v in stats.attack_passes.items()},
-            **{f"scoring {k}": v for k, v in stats.score_passes.items()},
+        "settings": _settings(cfg, targets, source, suite, len(mine), notes),
+        "this invocation": {
             "records written": stats.records_written,
             "records skipped (already done)": stats.records_skipped,
+            "attack generations": stats.generations,
             "seconds": round(stats.seconds, 1),
         },
-        "settings": _settings(cfg, targets, source, suite, len(mine)),
     }
     atomic_write_bytes(run_file, json.dumps(payload, indent=1, default=str).encode())
-    log.info("shard %d/%d: %s", index, count, payload["stats"])
+    write_manifest(out, index, count, mine, keys, settings_ids=[evaluator.expected[k] for k in keys], identity=run_id)
+    log.info("shard %d/%d: %s", index, count, payload["this invocation"])
     if count == 1:
         return finalize(cfg, out, count)
     log.info("shard %d/%d done; combine with: python evaluate.py ... shard=0/%d merge=true", index, count, count)
@@ -197,23 +275,41 @@ def evaluate(cfg: DictConfig) -> Path:
 
 
 def finalize(cfg: DictConfig, out: Path, count: int) -> Path:
-    """Merge the shards' records, compute the summary and the flags, write every output and the W&B run."""
-    records = merge_shards(out, count) if count > 1 else dedupe(read_records(log_path(out, 0, 1)))
+    """Summary, flags, report and W&B of exactly this run's results (keys and identities) in ``out``.
+
+    Older records in the folder (other budgets, other settings) stay on disk and never mix in; shards run with
+    different settings are refused, naming the settings that differ.
+    """
+    records = merge_shards(out, count)
+    manifests = read_manifests(out, count)
+    run_sha = short_hash(manifests[0]["identity"])
     runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"run.shard-*-of-{count}.json"))]
-    rows = summarise(records)
-    flags = [checks.Flag(**f) for run in runs for f in run["flags"]]
-    flags += checks.check_monotonic(rows, float(cfg.checks.monotonic_tolerance))
-    flags += checks.check_transfer_vs_whitebox(rows, [str(a) for a in as_list(cfg.checks.noise_attacks)])
-    flags.append(checks.check_budget(records))
-    flags.append(checks.audit_store(out / "adversarial"))
-    stats: dict[str, Any] = {}
-    for run in runs:
-        for k, v in run["stats"].items():
-            stats[k] = stats.get(k, 0) + v if isinstance(v, (int, float)) else v
-    settings = dict(runs[-1]["settings"]) if runs else {}
+    runs = [r for r in runs if r.get("identity_sha256") == run_sha]
+    class_names = list(cfg.data.get("class_names") or []) or None
+    context = {
+        "intensity": OmegaConf.to_container(cfg.data.intensity, resolve=True) if cfg.data.get("intensity") else None,
+        "modality": cfg.data.get("modality"),
+        "seed": int(cfg.seed),
+    }
+    rows = summarise(records, class_names, context)
+    flags = checks.result_flags(
+        rows,
+        records,
+        [checks.Flag(**f) for run in runs for f in run["flags"]],
+        noise_attacks=[str(a) for a in as_list(cfg.checks.noise_attacks)],
+        monotonic_tolerance=float(cfg.checks.monotonic_tolerance),
+        store_root=out / "adversarial",
+    )
+    stats = total_costs(records, read_costs(out, count, run_sha))
+    settings = dict(runs[0]["settings"]) if runs else {}
     settings["shards"] = count
+    settings["data"] = (
+        f"{cfg.data.name} ({cfg.get('split', 'validation')}, {len({r['case_id'] for r in records})} case(s))"
+    )
+    settings["result identity"] = f"{run_sha} (records selected by key and identity; other records in {out} ignored)"
     flag_dicts = [f.to_dict() for f in flags]
-    paths = write_outputs(out, rows, flag_dicts, settings, stats)
+    paths = write_outputs(out, rows, flag_dicts, settings, stats, class_names)
+    # robustness cards (issue 13) go here: rows, flag_dicts, settings["models"] and stats are at hand
     config = OmegaConf.to_container(cfg, resolve=True)
     log_wandb(
         config.get("logger"), out, rows, flag_dicts, stats, [p for p in paths.values() if p.suffix == ".png"], config

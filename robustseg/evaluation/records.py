@@ -3,7 +3,9 @@
 Each record is appended as one complete line with a single ``write`` followed by ``flush`` and ``fsync``, so
 after ``kill -9`` the file holds every finished case and at most one truncated last line. Opening the log
 repairs such a tail (the partial line is cut off and its case simply runs again), and the completed keys tell
-the runner what to skip. Records are keyed by :func:`record_key`; a key present twice keeps the last record.
+the runner what to skip. Records are keyed by :func:`record_key` and their ``settings_id`` (the hash of the
+result's identity, see ``identity.py``): a result recomputed under other settings is appended next to the old
+one, which stays on disk untouched; :func:`select` picks exactly the records of one run's keys and identities.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def repair(path: str | Path) -> int:
     return len(data) - keep
 
 
+def identified_key(record: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None]:
+    """(record key, settings id) of a record."""
+    return record_key(record), record.get("settings_id")
+
+
 class CaseLog:
     """Append-only JSONL of per-case records, opened for resuming."""
 
@@ -67,11 +74,15 @@ class CaseLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair(self.path)
-        self.records = {record_key(r): r for r in read_records(self.path)}
+        records = read_records(self.path)
+        self.records = {record_key(r): r for r in records}  # the last record of each key
+        self.by_identity = {identified_key(r): r for r in records}
 
-    def done(self, key: tuple[str, ...]) -> bool:
-        """Whether a record with ``key`` is already in the log."""
-        return key in self.records
+    def done(self, key: tuple[str, ...], settings_id: str | None = None) -> bool:
+        """Whether a record with ``key`` (made with ``settings_id``, when given) is already in the log."""
+        if settings_id is None:
+            return key in self.records
+        return (tuple(key), settings_id) in self.by_identity
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write ``record`` as one line: a single write, then flush and fsync before returning."""
@@ -81,6 +92,7 @@ class CaseLog:
             f.flush()
             os.fsync(f.fileno())
         self.records[record_key(record)] = dict(record)
+        self.by_identity[identified_key(record)] = dict(record)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -92,6 +104,21 @@ def dedupe(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         out[record_key(r)] = dict(r)
     return list(out.values())
+
+
+def select(
+    records: Iterable[Mapping[str, Any]], wanted: Iterable[tuple[tuple[str, ...], str]]
+) -> tuple[list[dict[str, Any]], list[tuple[tuple[str, ...], str]]]:
+    """The records of exactly the ``wanted`` (key, settings id) pairs, in that order, and the missing pairs."""
+    index = {identified_key(r): dict(r) for r in records}
+    found, missing = [], []
+    for key, sid in wanted:
+        record = index.get((tuple(key), sid))
+        if record is None:
+            missing.append((tuple(key), sid))
+        else:
+            found.append(record)
+    return found, missing
 
 
 def _jsonable(value: Any) -> Any:

@@ -29,6 +29,7 @@ from torch import nn
 
 from robustseg.checkpoint_io import safe_torch_load
 from robustseg.errors import CheckpointError, ConfigError
+from robustseg.evaluation.modelinfo import check_run_architecture, preprocessing_of, run_config, train_mode
 from robustseg.evaluation.store import file_sha256
 from robustseg.models import MODELS
 
@@ -50,6 +51,10 @@ class LoadedModel:
     class_names: list[str] | None = None
     data_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    run_dir: str | None = None  # the run directory of a robustseg checkpoint
+    train_mode: str | None = None  # clean | <attack preset>[_<adv_mode>] | vaft (robustseg runs), else None
+    preprocessing: dict[str, Any] | None = None  # training data's modality / intensity / spacing / orientation
+    checkpoint_note: str | None = None  # e.g. "checkpoint=best requested; no best.ckpt, used last.ckpt"
 
 
 def strict_load(net: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
@@ -99,12 +104,13 @@ def load_checkpoint(path: str | Path, label: str | None = None) -> LoadedModel:
         net = MODELS.build(model_cfg)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot build model {model_cfg}: {err}") from err
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     strict_load(net, state, f"checkpoint {path}")
+    check_run_architecture(model_cfg, run_dir, f"checkpoint {path}", MODELS.resolve)
     config = _plain(hparams.get("config")) or {}
     data_name = (config.get("data") or {}).get("name") or (config.get("choices") or {}).get("data")
     roi = hparams.get("roi_size") or (config.get("data") or {}).get("roi_size") or model_cfg.get("img_size")
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return LoadedModel(
         label=label or run_dir.name,
         net=_freeze(net),
@@ -117,41 +123,17 @@ def load_checkpoint(path: str | Path, label: str | None = None) -> LoadedModel:
         class_names=list(_plain(hparams.get("class_names")) or []) or None,
         data_name=data_name,
         extra={"run_dir": str(run_dir), "choices": config.get("choices")},
+        run_dir=str(run_dir),
+        train_mode=train_mode(config) or train_mode(run_config(run_dir)),
+        preprocessing=preprocessing_of(config) or preprocessing_of(run_config(run_dir)),
     )
 
 
 def load_external(spec_path: str | Path, label: str | None = None) -> LoadedModel:
-    """Load a TorchScript file or a state dict + registered architecture described by a small YAML."""
-    spec_path = Path(spec_path)
-    spec = OmegaConf.to_container(OmegaConf.load(spec_path), resolve=True)
-    for key in ("num_classes", "roi_size"):
-        if key not in spec:
-            raise ConfigError(f"{spec_path}: external model spec needs '{key}'")
-    if "torchscript" in spec:
-        weights = spec_path.parent / spec["torchscript"]
-        net, model_name = torch.jit.load(str(weights), map_location="cpu"), "torchscript"
-    elif "state_dict" in spec and "architecture" in spec:
-        weights = spec_path.parent / spec["state_dict"]
-        arch = {"in_channels": spec.get("in_channels", 1), "out_channels": spec["num_classes"], **spec["architecture"]}
-        net, model_name = MODELS.build(arch), MODELS.resolve(arch["name"])
-        state = safe_torch_load(weights, what=f"state dict of {spec_path}")
-        state = state.get("state_dict", state)
-        strict_load(net, state, f"state dict {weights} (architecture from {spec_path})")
-    else:
-        raise ConfigError(f"{spec_path}: give 'torchscript: FILE' or 'state_dict: FILE' with 'architecture: {{name}}'")
-    return LoadedModel(
-        label=label or spec.get("name") or spec_path.stem,
-        net=_freeze(net),
-        model_name=model_name,
-        num_classes=int(spec["num_classes"]),
-        in_channels=int(spec.get("in_channels", 1)),
-        roi_size=tuple(int(s) for s in spec["roi_size"]),
-        checkpoint=str(weights),
-        checkpoint_sha256=file_sha256(weights),
-        class_names=spec.get("class_names"),
-        data_name=spec.get("data"),
-        extra={"intensity": spec.get("intensity")},
-    )
+    """An external model YAML (TorchScript, torch.export, state dict, Python entry): see :mod:`robustseg.external`."""
+    from robustseg.external import load_external as load
+
+    return load(spec_path, label)
 
 
 def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
@@ -159,15 +141,36 @@ def run_checkpoint(run_dir: Path, which: str = "best") -> Path:
     ckpt_dir = run_dir / "checkpoints"
     for name in (which, "best", "last"):
         if (ckpt_dir / f"{name}.ckpt").is_file():
+            if name != which:
+                log.warning("%s: checkpoint=%s requested but missing; using %s.ckpt", run_dir, which, name)
             return ckpt_dir / f"{name}.ckpt"
     found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise CheckpointError(f"run directory {run_dir} has no checkpoint (expected checkpoints/{which}.ckpt)")
+    log.warning("%s: checkpoint=%s requested but missing; using the newest %s", run_dir, which, found[-1])
     return found[-1]
 
 
-def find_run(spec: str, runs_root: str | Path, data_names: Sequence[str], which: str = "best") -> Path:
-    """Newest checkpoint of a run under ``runs_root`` matching ``spec`` (model name/prefix, preset or run name)."""
+def _run_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def fallback_note(path: Path, which: str) -> str | None:
+    """What the report says when ``run_checkpoint`` did not find the requested checkpoint file."""
+    return None if path.stem == which else f"checkpoint={which} requested; no {which}.ckpt, used {path.name}"
+
+
+def find_run(
+    spec: str, runs_root: str | Path, data_names: Sequence[str], which: str = "best", mode: str | None = None
+) -> Path:
+    """Newest checkpoint of a run under ``runs_root`` matching ``spec`` (model name/prefix, preset or run name).
+
+    Args:
+        mode: only runs of this training mode (``clean``, ``pgd``, ``vaft``, ...: ``train_mode=``).
+
+    Raises:
+        ConfigError: no run matches, or runs of several training modes match and ``mode`` picks none.
+    """
     runs_root = Path(runs_root)
     try:
         registered = MODELS.resolve(spec)
@@ -183,35 +186,57 @@ def find_run(spec: str, runs_root: str | Path, data_names: Sequence[str], which:
                 OmegaConf.select(cfg, "data.name", default=None, throw_on_resolution_failure=False),
                 OmegaConf.select(cfg, "choices.data", default=None, throw_on_resolution_failure=False),
             }
+            trained = train_mode(OmegaConf.to_container(cfg, resolve=False))
         except Exception as err:  # an unreadable run is skipped, not fatal
             log.warning("skipping %s: %s", config_path, err)
             continue
         run = config_path.parent
         named = spec in (run.name, preset) or (registered is not None and model == registered)
-        if named and data & set(data_names):
+        if named and data & set(data_names) and (mode is None or trained == mode):
             try:
-                candidates.append(run_checkpoint(run, which))
+                candidates.append((run_checkpoint(run, which), trained))
             except CheckpointError:
                 continue
     if not candidates:
         raise ConfigError(
             f"no run under {runs_root} with model {spec!r}"
             + (f" (registered name {registered!r})" if registered else "")
-            + f" on data {sorted(data_names)} that has a checkpoint; train one or pass a run directory or .ckpt path"
+            + f" on data {sorted(data_names)}"
+            + (f" trained as {mode!r}" if mode else "")
+            + " that has a checkpoint; train one or pass a run directory or .ckpt path"
         )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    modes = sorted({str(m) for _, m in candidates})
+    if len(modes) > 1:
+        runs = "; ".join(f"{_run_of(p).name} ({m})" for p, m in candidates)
+        raise ConfigError(
+            f"{spec!r} matches runs of {len(modes)} training modes {modes} under {runs_root}: {runs}. Pick one with "
+            f"train_mode=<{'|'.join(modes)}>, or pass a run directory or .ckpt path"
+        )
+    return max((p for p, _ in candidates), key=lambda p: p.stat().st_mtime)
 
 
-def resolve_model(spec: str, runs_root: str | Path, data_names: Sequence[str], which: str = "best") -> LoadedModel:
-    """Load the model that ``spec`` names (see the module docstring for the forms it can take)."""
+def resolve_model(
+    spec: str, runs_root: str | Path, data_names: Sequence[str], which: str = "best", mode: str | None = None
+) -> LoadedModel:
+    """Load the model that ``spec`` names (see the module docstring for the forms it can take).
+
+    Args:
+        which: ``best`` or ``last`` checkpoint of a run (a fallback to the other is logged and recorded).
+        mode: training mode that picks among runs found by name (``train_mode=``).
+    """
+    from robustseg.external import PREFIXES, load_prefixed
+
+    if spec.partition(":")[0] in PREFIXES:  # nnunet:PATH[,fold=...], bundle:PATH
+        return load_prefixed(spec)
     path = Path(spec)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         return load_external(path)
     if path.is_file():
         return load_checkpoint(path)
-    if path.is_dir():
-        return load_checkpoint(run_checkpoint(path, which))
-    return load_checkpoint(find_run(spec, runs_root, data_names, which), label=spec)
+    ckpt = run_checkpoint(path, which) if path.is_dir() else find_run(spec, runs_root, data_names, which, mode)
+    model = load_checkpoint(ckpt, label=None if path.is_dir() else spec)
+    model.checkpoint_note = fallback_note(ckpt, which)
+    return model
 
 
 def check_compatible(

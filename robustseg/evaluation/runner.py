@@ -1,91 +1,60 @@
-"""The evaluation loop: one case at a time, white-box and transfer, resumable.
+"""The evaluation loop: one case at a time, white-box and transfer, resumable, on the real voxels only.
 
-For every case of the shard: each target scores the clean volume; then for every source (each target itself
-when no surrogate is given, white-box; the surrogate otherwise, transfer) and every (attack, budget) of the
-suite, the adversarial volume is crafted once (or loaded from the :class:`AdversarialStore`) and scored by every
-target that source serves. So a transfer matrix costs S x A attack generations, never S x T x A, and the counts
-of generations and of network forward/backward passes are reported.
+For every case of the shard: the case is cropped to its real extent (``region.py``: padding added by the
+transforms is never scored nor attacked) and fingerprinted; each target scores the clean volume; then for every
+source (each target itself when no surrogate is given, white-box; the surrogate otherwise, transfer) and every
+(attack, budget) of the suite, the adversarial volume is crafted once (or loaded from the
+:class:`AdversarialStore` when its identity matches) and scored by every target that source serves. So a
+transfer matrix costs S x A attack generations, never S x T x A.
 
-Scoring is MONAI ``sliding_window_inference`` over the whole volume; crafting is ``attack_volume`` through that
-same sliding window (``attack_mode=pipeline``, the exact white-box threat model) or on the papers' tiles.
-Finished results are appended to the per-case JSONL as they complete; on a rerun they are skipped.
+Every record carries its identity hash (``settings_id``, ``identity.py``); a result whose identity is already in
+the log is skipped, any change of a setting it depends on recomputes it. Each record also carries the cost of
+the work that produced it (``cost``: generation, attack and scoring passes, seconds), so costs add up over
+resumed runs. Scoring and crafting run the networks in eval mode through :class:`PassCounter`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from torch import Tensor, nn
+from torch import Tensor
 
-from robustseg.evaluation import checks
+from robustseg.evaluation import checks, identity
 from robustseg.evaluation.frequency import band_filtered_inputs
-from robustseg.evaluation.metrics import dice_per_class, flip_rate, perturbation_metrics, segmentation_metrics
+from robustseg.evaluation.metrics import flip_rate, perturbation_metrics
+from robustseg.evaluation.progress import Progress
 from robustseg.evaluation.records import CaseLog
+from robustseg.evaluation.region import real_case
 from robustseg.evaluation.resolve import LoadedModel
+from robustseg.evaluation.scoring import PassCounter, SlidingWindow, dice_mean, predict, score_prediction
 from robustseg.evaluation.store import AdversarialStore
 from robustseg.evaluation.suite import AttackSpec
 
+__all__ = ["CLEAN", "Evaluator", "PassCounter", "RunStats", "SlidingWindow", "case_seed"]
+
 log = logging.getLogger(__name__)
 
-CLEAN = "clean"
-
-
-class PassCounter(nn.Module):
-    """Wraps a network to count its forward calls, the windows they carried and the backward passes through them."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.forwards = 0
-        self.windows = 0
-        self.backwards = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.net(x)
-        self.forwards += 1
-        self.windows += x.shape[0]
-        if out.requires_grad:
-            out.register_hook(self._count_backward)
-        return out
-
-    def _count_backward(self, grad: Tensor) -> None:
-        self.backwards += 1
-
-    def counts(self) -> dict[str, int]:
-        return {"forwards": self.forwards, "windows": self.windows, "backwards": self.backwards}
-
-
-@dataclass
-class SlidingWindow:
-    """Scoring and crafting window settings; ``roi_size`` None means each model's own training ROI."""
-
-    overlap: float = 0.5
-    sw_batch_size: int = 2
-    blend_mode: str = "gaussian"
-    roi_size: tuple[int, int, int] | None = None
-
-    def roi(self, model: LoadedModel) -> tuple[int, int, int]:
-        return tuple(self.roi_size) if self.roi_size else tuple(model.roi_size)
+CLEAN = identity.CLEAN
+PASSES = ("forwards", "windows", "backwards")
 
 
 @dataclass
 class RunStats:
-    """What the run spent: attack generations and network passes, by phase."""
+    """What this process spent: attack generations and network passes, by phase (checks are ``overhead``)."""
 
     generations: int = 0
     reused_volumes: int = 0
-    attack_passes: dict[str, int] = field(default_factory=lambda: {"forwards": 0, "windows": 0, "backwards": 0})
-    score_passes: dict[str, int] = field(default_factory=lambda: {"forwards": 0, "windows": 0, "backwards": 0})
+    attack_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
+    score_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
+    overhead_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
     records_written: int = 0
     records_skipped: int = 0
     seconds: float = 0.0
@@ -101,17 +70,32 @@ def case_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def budget_value(spec: AttackSpec) -> float | None:
+    """The budget as a number: eps / sigma in [0, 1] units, or VAFA's q_max; None for a preset budget."""
+    if spec.eps is not None:
+        return float(spec.eps)
+    if spec.budget.startswith("q_max") and "q_max" in spec.config:
+        return float(spec.config["q_max"])
+    return None
+
+
 class Evaluator:
     """Runs the white-box/transfer evaluation over cases; see the module docstring.
 
     Args:
-        targets: models that are scored.
+        targets: models that are scored (unique labels).
         source: the surrogate that crafts for every target (transfer), or None for white-box per target.
-        also_whitebox: with a source, also attack every other target white-box (a full transfer matrix).
         suite: the (attack, budget) pairs.
+        store, case_log: stored adversarial volumes and the per-case JSONL.
+        window: sliding-window settings (scoring and crafting).
         mode: ``pipeline`` or ``tiles`` (passed to ``attack_volume``).
+        data: the resolved data preprocessing (``identity.data_preprocessing``), part of every identity.
         bands: named DCT bands ``{name: (low, high)}`` for the frequency analysis; empty to skip it.
+        also_whitebox: with a source, also attack every other target white-box (a full transfer matrix).
         craft_fn: ``attack_volume``; injectable for tests.
+        skip: optional cascade predicate ``skip(case_id, spec, records_so_far) -> bool``; a skipped (source,
+            attack, budget) is recorded as ``skipped: "cascade"`` without metrics.
+        progress: show progress (tqdm bar on a terminal, else a log line per item); None: log lines.
     """
 
     def __init__(
@@ -126,12 +110,15 @@ class Evaluator:
         mode: str = "pipeline",
         memory_bounded: bool = False,
         seed: int = 0,
-        nsd_tolerance_mm: float = 1.0,
+        nsd_tolerance_mm: float | None = 1.0,
         bands: Mapping[str, Sequence[float]] | None = None,
         max_zero_grad_fraction: float = 0.5,
         montage: Callable[..., None] | None = None,
         also_whitebox: bool = False,
         craft_fn: Callable[..., Tensor] | None = None,
+        data: Mapping[str, Any] | None = None,
+        skip: Callable[[str, AttackSpec, list[dict[str, Any]]], bool] | None = None,
+        progress: bool | None = False,
     ) -> None:
         self.targets = list(targets)
         self.source = source
@@ -148,9 +135,15 @@ class Evaluator:
         self.montage = montage
         self.also_whitebox = also_whitebox
         self.craft_fn = craft_fn
-        self.counters = {m.label: PassCounter(m.net) for m in self._all_models()}
+        self.data = dict(data or {})
+        self.skip = skip
+        self.show_progress = progress
+        self.models = {m.label: m for m in self._all_models()}
+        self.counters = {label: PassCounter(m.net) for label, m in self.models.items()}
         self.stats = RunStats()
         self.flags: list[checks.Flag] = []
+        self.expected: dict[tuple[str, ...], str] = {}  # this run's keys -> settings ids (the manifest)
+        self.checked = False
 
     def _all_models(self) -> list[LoadedModel]:
         models = {m.label: m for m in self.targets}
@@ -174,27 +167,51 @@ class Evaluator:
             out += [(source.label, t.label, s.label, s.budget, case_id) for s in self.suite for t in targets]
         return out
 
+    # -- identity ------------------------------------------------------------------------------------------------
+
+    def threat(self) -> dict[str, Any]:
+        return {"mode": self.mode, "memory_bounded": self.memory_bounded, "seed": self.seed}
+
+    def scoring(self) -> dict[str, Any]:
+        return {"nsd_tolerance_mm": self.nsd_tolerance_mm, "bands": self.bands}
+
+    def run_identity(self) -> dict[str, Any]:
+        """The case-independent settings of this run (shards must agree on them to be merged)."""
+        windows = {label: self.window.identity(m) for label, m in self.models.items()}
+        plan = [(s.label, [t.label for t in ts]) for s, ts in self.plan()]
+        return identity.run_identity(self.models, windows, self.suite, plan, self.threat(), self.scoring(), self.data)
+
+    def volume_identity(self, source: LoadedModel, spec: AttackSpec, case_hash: str) -> dict[str, Any]:
+        return identity.volume_identity(source, spec, self.window.identity(source), self.threat(), self.data, case_hash)
+
+    def record_identity(self, key: tuple[str, ...], case_hash: str) -> dict[str, Any]:
+        """Everything the record of ``key`` depends on (see ``identity.py``)."""
+        source, target, attack, budget, _ = key
+        target_model = self.models[target]
+        volume = None
+        if attack != CLEAN:
+            spec = self.spec(attack, budget)
+            volume = self.volume_identity(self.models[source], spec, case_hash)
+        scoring = self.scoring() if attack != CLEAN else {"nsd_tolerance_mm": self.nsd_tolerance_mm}
+        window = self.window.identity(target_model)
+        return identity.record_identity(target_model, window, scoring, self.data, case_hash, volume)
+
+    def spec(self, attack: str, budget: str) -> AttackSpec:
+        return next(s for s in self.suite if (s.label, s.budget) == (attack, budget))
+
     # -- network passes -----------------------------------------------------------------------------------------
 
     def predict(self, model: LoadedModel, image: Tensor) -> Tensor:
         """Sliding-window logits (1, K, D, H, W) of a (1, C, D, H, W) volume."""
-        with torch.no_grad():
-            return sliding_window_inference(
-                image,
-                roi_size=self.window.roi(model),
-                sw_batch_size=self.window.sw_batch_size,
-                predictor=self.counters[model.label],
-                overlap=self.window.overlap,
-                mode=self.window.blend_mode,
-            )
+        return predict(self.window, model, self.counters[model.label], image)
 
     def craft(self, source: LoadedModel, spec: AttackSpec, image: Tensor, label: Tensor, seed: int) -> Tensor:
-        """The adversarial (1, C, D, H, W) volume of ``spec`` against ``source``."""
+        """The adversarial (1, C, D, H, W) volume of ``spec`` against ``source`` (network in eval mode)."""
         craft_fn = self.craft_fn
         if craft_fn is None:
             from robustseg.attacks.volume import attack_volume as craft_fn
         torch.manual_seed(seed)
-        counter = self.counters[source.label]
+        counter = self.counters[source.label].train(False)
         return craft_fn(
             spec.build(),
             counter,
@@ -208,20 +225,41 @@ class Evaluator:
             blend_mode=self.window.blend_mode,
         )
 
-    def _counted(self, phase: dict[str, int], fn: Callable[[], Any]) -> Any:
-        before = {k: sum(c.counts()[k] for c in self.counters.values()) for k in phase}
+    def _passes(self) -> dict[str, int]:
+        return {k: sum(c.counts()[k] for c in self.counters.values()) for k in PASSES}
+
+    def _counted(self, phase: dict[str, int], fn: Callable[[], Any], cost: dict[str, Any] | None = None) -> Any:
+        """Run ``fn``, add the passes it made to ``phase`` (and to a record's ``cost`` under its phase name)."""
+        before, start = self._passes(), time.perf_counter()
         out = fn()
-        after = {k: sum(c.counts()[k] for c in self.counters.values()) for k in phase}
+        after = self._passes()
         self.stats.add(phase, before, after)
+        if cost is not None:
+            name = "attack" if phase is self.stats.attack_passes else "score"
+            for k in PASSES:
+                cost[f"{name}_{k}"] = cost.get(f"{name}_{k}", 0) + after[k] - before[k]
+            cost["seconds"] = cost.get("seconds", 0.0) + time.perf_counter() - start
         return out
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
-    def run(self, cases: Sequence[Mapping[str, Any]] | Any, first_checks: bool = True) -> RunStats:
-        """Evaluate every case (dicts with MetaTensor ``image``/``label`` and ``case_id``); returns the costs."""
+    def run(self, cases: Sequence[Mapping[str, Any]] | Any, first_checks: bool = True, total: int | None = None):
+        """Evaluate every case (dicts with MetaTensor ``image``/``label`` and ``case_id``); returns the costs.
+
+        The sanity checks run on the first case that has work to do (``first_checks``); when nothing is left
+        to do they do not run (``checked`` stays False).
+        """
         start = time.perf_counter()
-        for index, case in enumerate(cases):
-            self.run_case(case, with_checks=first_checks and index == 0)
+        if total is None:
+            cases = cases if hasattr(cases, "__len__") else list(cases)
+            total = len(cases)
+        n = total
+        self.progress = Progress(n * (1 + len(self.plan()) * len(self.suite)), bar=self.show_progress or False)
+        try:
+            for case in cases:
+                self.run_case(case, with_checks=first_checks and not self.checked)
+        finally:
+            self.progress.close()
         self.stats.seconds += time.perf_counter() - start
         self.stats.generations = self.store.generated
         self.stats.reused_volumes = self.store.reused
@@ -229,64 +267,130 @@ class Evaluator:
 
     def run_case(self, case: Mapping[str, Any], with_checks: bool = False) -> None:
         case_id = str(case["case_id"])
-        image = _plain(case["image"]).float()[None]  # (1, C, D, H, W)
-        label = _plain(case["label"]).long()[None]  # (1, 1, D, H, W)
-        affine = _affine(case["image"])
-        spacing = _spacing(case["image"], affine)
-        todo = [k for k in self.keys(case_id) if not self.done(k)]
-        self.stats.records_skipped += len(self.keys(case_id)) - len(todo)
-        if not todo and not with_checks:
+        image, label, affine, spacing, region = real_case(case)  # (1, C, d, h, w), (1, 1, d, h, w): real voxels
+        case_hash = identity.case_fingerprint(image, label, spacing)
+        ids = {k: identity.short_hash(self.record_identity(k, case_hash)) for k in self.keys(case_id)}
+        self.expected.update(ids)
+        todo = [k for k, sid in ids.items() if not self.log.done(k, sid)]
+        self.stats.records_skipped += len(ids) - len(todo)
+        if not todo:
+            self.progress.skip(1 + len(self.plan()) * len(self.suite))
             return
+        if with_checks:
+            self.run_checks(image, label)
+        info = {"spacing": spacing, "shape": list(image.shape[2:]), "region_start": list(region.start)}
         clean_pred = {}
         for t in self.targets:
-            logits = self._counted(self.stats.score_passes, lambda t=t: self.predict(t, image))
-            clean_pred[t.label] = logits.argmax(1)[0]  # (D, H, W)
-            if with_checks:
-                self._check_model(t, image, label, logits)
             key = ("", t.label, CLEAN, "0", case_id)
+            cost: dict[str, Any] = {}
+            logits = self._counted(self.stats.score_passes, lambda t=t: self.predict(t, image), cost)
+            clean_pred[t.label] = logits.argmax(1)[0]  # (d, h, w)
             if key in todo:
-                metrics = self._score(clean_pred[t.label], label, t, spacing)
-                self._write(key, {"kind": CLEAN, "eps": 0.0, **metrics, "spacing": spacing})
-        if self.source is not None and with_checks and self.source.label not in clean_pred:
-            self._check_model(self.source, image, label, self.predict(self.source, image))
+                metrics = score_prediction(
+                    clean_pred[t.label], label[0, 0], t.num_classes, spacing, self.nsd_tolerance_mm
+                )
+                fields = {"kind": CLEAN, "eps": 0.0, "budget_value": 0.0, "attack_config": None, "group": None}
+                self._write(
+                    key, ids[key], {**fields, **metrics, **info, "window": self.window.identity(t), "cost": cost}
+                )
+        self.progress.update(f"{case_id} clean")
         for source, targets in self.plan():
             for spec in self.suite:
-                wanted = [t for t in targets if (source.label, t.label, spec.label, spec.budget, case_id) in todo]
-                if with_checks and spec.eps is not None:
-                    self._check_eps_zero(source, spec, image, label)
-                if not wanted:
-                    continue
-                seed = case_seed(self.seed, source.label, spec.label, spec.budget, case_id)
-                provenance = {
-                    "source": source.label,
-                    "model": source.model_name,
-                    "checkpoint": source.checkpoint,
-                    "checkpoint_sha256": source.checkpoint_sha256,
-                    "attack": spec.config,
-                    "preset": spec.label,
-                    "budget": spec.budget,
-                    "mode": self.mode,
-                    "memory_bounded": self.memory_bounded,
-                    "seed": seed,
-                    "case_id": case_id,
-                }
-                key = (source.label, spec.label, spec.budget, case_id)
-                adversarial = self._counted(
-                    self.stats.attack_passes,
-                    lambda s=source, sp=spec, sd=seed, k=key, p=provenance: self.store.get_or_create(
-                        k, p, affine, lambda: self.craft(s, sp, image, label, sd)[0]
-                    ),
-                )[None]  # (1, C, D, H, W)
-                ok, reason = checks.audit_volume(image[0], adversarial[0], spec.norm_bound, spec.norm)
-                perturbation = perturbation_metrics(image[0], adversarial[0])
+                self._run_attack(
+                    case_id,
+                    source,
+                    targets,
+                    spec,
+                    todo,
+                    ids,
+                    image,
+                    label,
+                    affine,
+                    spacing,
+                    info,
+                    case_hash,
+                    clean_pred,
+                )
+                self.progress.update(f"{case_id} {source.label} {spec.label}@{spec.budget}")
+
+    def _run_attack(
+        self, case_id, source, targets, spec, todo, ids, image, label, affine, spacing, info, case_hash, clean_pred
+    ):
+        """Craft (or load) one adversarial volume and score it by every target of ``source`` that needs it."""
+        wanted = [t for t in targets if (source.label, t.label, spec.label, spec.budget, case_id) in todo]
+        if not wanted:
+            return
+        seed = case_seed(self.seed, source.label, spec.label, spec.budget, case_id)
+        fields = {
+            "kind": None,
+            "eps": spec.eps,
+            "budget_value": budget_value(spec),
+            "attack_config": spec.config,
+            "group": getattr(spec, "group", None),
+            "mode": self.mode,
+            "memory_bounded": self.memory_bounded,
+            "run_seed": self.seed,
+            "seed": seed,
+            "window": self.window.identity(source),
+            **info,
+        }
+        if self.skip is not None:
+            so_far = [r for k, r in self._case_records(case_id, ids).items()]
+            if self.skip(case_id, spec, so_far):
                 for t in wanted:
-                    metrics = self._score_adversarial(
-                        source, t, spec, case_id, image, adversarial, label, spacing, clean_pred
-                    )
-                    self._write(
-                        (source.label, t.label, spec.label, spec.budget, case_id),
-                        {**metrics, **perturbation, "budget_ok": ok, "budget_detail": reason, "seed": seed},
-                    )
+                    key = (source.label, t.label, spec.label, spec.budget, case_id)
+                    kind = "whitebox" if source.label == t.label else "transfer"
+                    self._write(key, ids[key], {**fields, "kind": kind, "skipped": "cascade", "cost": {}})
+                return
+        volume_id = self.volume_identity(source, spec, case_hash)
+        provenance = {
+            "source": source.label,
+            "model": source.model_name,
+            "checkpoint": source.checkpoint,
+            "checkpoint_sha256": source.checkpoint_sha256,
+            "attack": spec.config,
+            "preset": spec.label,
+            "budget": spec.budget,
+            "mode": self.mode,
+            "memory_bounded": self.memory_bounded,
+            "seed": seed,
+            "case_id": case_id,
+            "identity": volume_id,
+            "identity_sha256": identity.short_hash(volume_id),
+        }
+        store_key = (source.label, spec.label, spec.budget, case_id)
+        generated_before, reused_before = self.store.generated, self.store.reused
+        attack_cost: dict[str, Any] = {}
+        adversarial = self._counted(
+            self.stats.attack_passes,
+            lambda: self.store.get_or_create(
+                store_key, provenance, affine, lambda: self.craft(source, spec, image, label, seed)[0]
+            ),
+            attack_cost,
+        )[None]  # (1, C, d, h, w)
+        attack_cost["generated"] = self.store.generated - generated_before
+        attack_cost["reused_volume"] = self.store.reused - reused_before
+        ok, reason = checks.audit_volume(image[0], adversarial[0], spec.norm_bound, spec.norm)
+        perturbation = perturbation_metrics(image[0], adversarial[0])
+        for t in wanted:
+            key = (source.label, t.label, spec.label, spec.budget, case_id)
+            cost = dict(attack_cost)  # the volume's cost goes with the first record that needed it
+            attack_cost = {}
+            metrics = self._score_adversarial(
+                source, t, spec, case_id, image, adversarial, label, spacing, clean_pred, cost
+            )
+            record = {**fields, **metrics, **perturbation, "budget_ok": ok, "budget_detail": reason, "cost": cost}
+            record["target_window"] = self.window.identity(t)
+            self._write(key, ids[key], record)
+
+    def _case_records(self, case_id: str, ids: Mapping[tuple[str, ...], str]) -> dict[tuple[str, ...], dict]:
+        """This run's records of one case written so far (for the cascade predicate)."""
+        out = {}
+        for key, sid in ids.items():
+            record = self.log.by_identity.get((key, sid))
+            if record is not None:
+                out[key] = record
+        return out
 
     def _score_adversarial(
         self,
@@ -299,26 +403,24 @@ class Evaluator:
         label: Tensor,
         spacing: list[float],
         clean_pred: Mapping[str, Tensor],
+        cost: dict[str, Any],
     ) -> dict[str, Any]:
         """Metrics of ``target`` on one adversarial (1, C, D, H, W) volume, incl. flip rate and DCT bands."""
-        logits = self._counted(self.stats.score_passes, lambda: self.predict(target, adversarial))
+        logits = self._counted(self.stats.score_passes, lambda: self.predict(target, adversarial), cost)
         pred = logits.argmax(1)[0]  # (D, H, W)
-        metrics = self._score(pred, label, target, spacing)
+        metrics = score_prediction(pred, label[0, 0], target.num_classes, spacing, self.nsd_tolerance_mm)
         metrics["flip_rate"] = flip_rate(clean_pred[target.label], pred)
         metrics["kind"] = "whitebox" if source.label == target.label else "transfer"
-        metrics["eps"] = spec.eps
-        metrics["mode"] = self.mode
-        metrics["spacing"] = spacing
         if self.bands:
             filtered = band_filtered_inputs(image[0], adversarial[0], self.bands)
             metrics["freq_dice"] = {
-                name: self._score(
-                    self._counted(self.stats.score_passes, lambda x=x: self.predict(target, x[None])).argmax(1)[0],
-                    label,
-                    target,
-                    spacing,
-                    dice_only=True,
-                )["dice_mean"]
+                name: dice_mean(
+                    self._counted(self.stats.score_passes, lambda x=x: self.predict(target, x[None]), cost).argmax(1)[
+                        0
+                    ],
+                    label[0, 0],
+                    target.num_classes,
+                )
                 for name, x in filtered.items()
             }
         if self.montage is not None:
@@ -326,52 +428,52 @@ class Evaluator:
             self.montage(source, target, spec, case_id, *volumes)
         return metrics
 
-    def _score(self, pred: Tensor, label: Tensor, model: LoadedModel, spacing, dice_only: bool = False) -> dict:
-        if dice_only:
-            dice = dice_per_class(pred, label[0, 0], model.num_classes)
-            return {"dice_mean": sum(dice[1:]) / (len(dice) - 1)}
-        return segmentation_metrics(pred, label[0, 0], model.num_classes, spacing, self.nsd_tolerance_mm)
-
-    def settings_id(self, key: tuple[str, ...]) -> str:
-        """Hash of every setting a record depends on: a result made with other settings is recomputed, not reused."""
-        source, target, attack, budget, _ = key
-        models = {m.label: m for m in self._all_models()}
-        parts: dict[str, Any] = {
-            "target": models[target].checkpoint_sha256,
-            "window": [self.window.overlap, self.window.sw_batch_size, self.window.blend_mode],
-            "roi": list(self.window.roi(models[target])),
-            "nsd": self.nsd_tolerance_mm,
-            "bands": self.bands,
-        }
-        if attack != CLEAN:
-            spec = next(s for s in self.suite if (s.label, s.budget) == (attack, budget))
-            parts |= {"source": models[source].checkpoint_sha256, "attack": spec.config, "mode": self.mode}
-            parts |= {"memory_bounded": self.memory_bounded, "seed": self.seed}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def settings_id(self, key: tuple[str, ...]) -> str | None:
+        """The identity hash this run expects for ``key`` (known once its case has been read), else None."""
+        return self.expected.get(tuple(key))
 
     def done(self, key: tuple[str, ...]) -> bool:
-        """Whether ``key`` has a record made with the current settings."""
-        record = self.log.records.get(key)
-        return record is not None and record.get("settings_id") == self.settings_id(key)
+        """Whether ``key`` has a record made with the current settings (its case must have been read)."""
+        sid = self.settings_id(key)
+        return sid is not None and self.log.done(tuple(key), sid)
 
-    def _write(self, key: tuple[str, ...], fields: Mapping[str, Any]) -> None:
+    def _write(self, key: tuple[str, ...], settings_id: str, fields: Mapping[str, Any]) -> None:
         source, target, attack, budget, case_id = key
         record = {"source": source, "target": target, "attack": attack, "budget": budget, "case_id": case_id}
-        self.log.append({**fields, **record, "settings_id": self.settings_id(key)})
+        self.log.append({**fields, **record, "settings_id": settings_id})
         self.stats.records_written += 1
 
-    # -- sanity checks on the first case -------------------------------------------------------------------------
+    # -- sanity checks on the first case with work to do -------------------------------------------------------
+
+    def run_checks(self, image: Tensor, label: Tensor) -> None:
+        """Determinism and input gradients of every model, eps=0 of every attack; passes count as overhead."""
+        self.checked = True
+        self._counted(self.stats.overhead_passes, lambda: self._checks(image, label))
+
+    def _checks(self, image: Tensor, label: Tensor) -> None:
+        for model in self.models.values():
+            self._check_model(model, image, label, self.predict(model, image))
+        for source, _targets in self.plan():
+            for spec in self.suite:
+                if spec.eps is not None:
+                    self._check_eps_zero(source, spec, image, label)
 
     def _check_model(self, model: LoadedModel, image: Tensor, label: Tensor, logits: Tensor) -> None:
         again = self.predict(model, image)
         self.flags.append(checks.check_determinism(model.label, logits, again))
         loss = DiceCELoss(to_onehot_y=True, softmax=True)
-        roi = self.window.roi(model)
+        counter = self.counters[model.label].train(False)
+        window = self.window
 
         def loss_fn(x: Tensor) -> Tensor:
-            window = self.window
             out = sliding_window_inference(
-                x, roi, window.sw_batch_size, self.counters[model.label], window.overlap, window.blend_mode
+                x,
+                window.roi(model),
+                window.sw_batch_size,
+                counter,
+                window.overlap,
+                window.blend_mode,
+                sigma_scale=window.sigma_scale,
             )
             return loss(out, label)
 
@@ -389,21 +491,3 @@ class Evaluator:
             clean = self.predict(source, image).argmax(1)
             adv = self.predict(source, adversarial).argmax(1)
         self.flags.append(checks.check_eps_zero(f"{source.label}/{spec.label}", image, adversarial, clean, adv))
-
-
-def _plain(x: Any) -> Tensor:
-    """A plain tensor: MetaTensor's per-op metadata tracking would dominate the cost of scoring."""
-    x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-    return x.detach().clone()
-
-
-def _affine(image: Any) -> np.ndarray:
-    affine = getattr(image, "affine", None)
-    return np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
-
-
-def _spacing(image: Any, affine: np.ndarray) -> list[float]:
-    pixdim = getattr(image, "pixdim", None)
-    if pixdim is not None:
-        return [float(s) for s in torch.as_tensor(pixdim).flatten()[:3]]
-    return [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]

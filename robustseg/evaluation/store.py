@@ -31,7 +31,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 # Provenance fields that must match for a stored volume to be reused.
-IDENTITY_KEYS = ("source", "checkpoint_sha256", "attack", "mode", "seed", "case_id", "shape")
+IDENTITY_KEYS = ("identity_sha256", "source", "checkpoint_sha256", "attack", "mode", "seed", "case_id", "shape")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -48,11 +48,23 @@ def array_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` as the user's umask leaves it for a new file (``tempfile.mkstemp`` would give 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    The file gets the permissions of a normally created file (0666 minus the umask), not mkstemp's 0600.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -66,6 +78,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def _safe(part: str) -> str:
     """A path component from a free-form label (``4/255`` -> ``4_255``)."""
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(part)).strip("_") or "_"
+
+
+def case_slug(case_id: str) -> str:
+    """A file name stem unique per exact case id: safe slug + 8 hex digits of its sha256.
+
+    ``肝臓 01`` and ``腎臓 01`` share the slug ``01`` but not the hash, so their files never collide.
+    """
+    digest = hashlib.sha256(str(case_id).encode("utf-8")).hexdigest()[:8]
+    return f"{_safe(case_id)[:80]}-{digest}"
 
 
 def volume_to_nifti_array(volume: Tensor) -> np.ndarray:
@@ -82,7 +103,10 @@ def nifti_array_to_volume(array: np.ndarray) -> Tensor:
 
 
 class AdversarialStore:
-    """Directory of crafted volumes: ``<root>/<source>/<attack>/<budget>/<case_id>.nii.gz`` (+ ``.json``)."""
+    """Directory of crafted volumes: ``<root>/<source>/<attack>/<budget>/<case slug>.nii.gz`` (+ ``.json``).
+
+    The case slug is :func:`case_slug`: unique per exact case id.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -92,7 +116,7 @@ class AdversarialStore:
 
     def paths(self, source: str, attack: str, budget: str, case_id: str) -> tuple[Path, Path]:
         """(NIfTI path, provenance JSON path) of one volume."""
-        base = self.root / _safe(source) / _safe(attack) / _safe(budget) / _safe(case_id)
+        base = self.root / _safe(source) / _safe(attack) / _safe(budget) / case_slug(case_id)
         return base.with_name(base.name + ".nii.gz"), base.with_name(base.name + ".json")
 
     def save(self, volume: Tensor, affine: np.ndarray | Tensor, provenance: Mapping[str, Any], key: tuple) -> Path:
@@ -118,7 +142,8 @@ class AdversarialStore:
             provenance = json.loads(json_path.read_text())
             for name in IDENTITY_KEYS:
                 if name in expected and _canon(provenance.get(name)) != _canon(expected[name]):
-                    log.warning("stored volume %s was made with another %s; regenerating", nii_path, name)
+                    what = "settings (its identity differs)" if name == "identity_sha256" else name
+                    log.warning("stored volume %s was made with other %s; re-crafting it", nii_path, what)
                     return None
             image = nib.load(str(nii_path))
             array = np.asarray(image.dataobj, dtype=np.float32)
