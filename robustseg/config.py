@@ -13,10 +13,14 @@ expanded into the same overrides by the table :data:`FLAGS`.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
-from collections.abc import Callable, Sequence
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -265,6 +269,88 @@ def _unknown(kind: str, name: str, known: Sequence[str]) -> str:
     guess = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
     hint = f" Did you mean {guess[0]!r}?" if guess else ""
     return f"unknown {kind} {name!r}.{hint} Valid: {sorted(known)}"
+
+
+def check_arguments(fn: Callable, values: Mapping[str, Any], section: str) -> None:
+    """Check a config section against the keyword arguments of the callable it is passed to, before any work.
+
+    Unknown keys (when ``fn`` takes no ``**kwargs``) and values whose type does not fit the parameter's annotation
+    (``int``, ``float``, ``str``, ``bool``, ``None``, ``Literal``, unions, lists, mappings, classes) raise
+    :class:`ConfigError` naming ``<section>.<key>``, the value and what was expected, e.g.
+    ``trainer.max_epochs='abc': expected an integer or null``. Annotations it cannot judge are accepted.
+    """
+    params = inspect.signature(fn).parameters
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: judge the keys only
+        hints = {}
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in values.items():
+        if key not in params:
+            if open_kwargs:
+                continue
+            keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            known = [f"{section}.{k}" for k, p in params.items() if k != "self" and p.kind in keyword]
+            raise ConfigError(_unknown("config key", f"{section}.{key}", known))
+        hint = hints.get(key)
+        if hint is not None and _fits(value, hint) is False:
+            raise ConfigError(f"{section}.{key}={value!r}: expected {_describe(hint)}")
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` fits the annotation ``hint``; ``None`` when the annotation is beyond this check."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        verdicts = [_fits(value, a) for a in args]
+        return any(v is not False for v in verdicts)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable, collections.abc.MutableSequence):
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return False
+        inner = args[0] if args and origin is not tuple else None
+        if inner is None or inner is Ellipsis:
+            return True
+        return all(_fits(v, inner) is not False for v in value)
+    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping) or hint in (dict, Mapping):
+        return isinstance(value, (Mapping, DictConfig))
+    if hint in (list, tuple):
+        return isinstance(value, (list, tuple, ListConfig))
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return None
+
+
+def _describe(hint: Any) -> str:
+    """Words for an annotation: ``an integer or null``, ``one of ['16-mixed', 'bf16-mixed', ...]``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        literals = [a for arg in args if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
+        rest = [_describe(a) for a in args if typing.get_origin(a) is not Literal]
+        words = ([f"one of {literals}"] if literals else []) + rest
+        return " or ".join(dict.fromkeys(words))
+    if origin is Literal:
+        return f"one of {list(args)}"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable, collections.abc.MutableSequence):
+        return f"a list of {_describe(args[0])}s" if args and args[0] is not Ellipsis else "a list"
+    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping) or hint in (dict, Mapping):
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -17,3 +17,7 @@ class DataError(RobustsegError, ValueError):
 
 class CheckpointError(RobustsegError, ValueError):
     """A checkpoint does not fit the architecture or label set it is loaded for."""
+
+
+class OutputError(RobustsegError, OSError):
+    """An output location cannot be used: a file where a directory is expected, read-only, or a full disk."""

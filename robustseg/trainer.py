@@ -5,9 +5,11 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from robustseg.config import check_arguments
 from robustseg.errors import ConfigError
 
 
@@ -16,11 +18,16 @@ def build_trainer_kwargs(section: DictConfig | dict[str, Any]) -> dict[str, Any]
 
     ``strategy: ddp`` on CPU uses gloo (Lightning picks it), on GPUs NCCL. An optional ``slurm`` subsection
     (``auto_requeue``, ``requeue_signal``) becomes Lightning's :class:`SLURMEnvironment` plugin.
+
+    Raises:
+        ConfigError: a key that is not a Trainer argument, or a value of the wrong type
+            (``trainer.max_epochs='abc': expected an integer or null``), before anything is built or written.
     """
     kwargs: dict[str, Any] = (
         OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
     )
     slurm = kwargs.pop("slurm", None)
+    check_arguments(L.Trainer.__init__, kwargs, "trainer")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if slurm:
         name = slurm.get("requeue_signal", "SIGUSR1")

@@ -2,12 +2,18 @@
 
 A run directory ``<output_dir>/<run_name>/`` holds ``config.yaml`` (the resolved config, written before
 training starts), ``checkpoints/best.ckpt`` and ``checkpoints/last.ckpt``, and the logger's files.
+
+Nothing is written before the whole configuration is known to be valid: the output location, the checkpoint to
+resume from (read with ``weights_only=True``), the Trainer and system sections, the data and the Trainer itself
+are checked first; only then is the run directory created. A failure to create it (read-only, a file in the
+way, a full disk) leaves no orphan directory behind.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +23,10 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from robustseg.config import CONF_DIR, to_yaml
+from robustseg.checkpoint_io import is_trusted, safe_torch_load
+from robustseg.config import CONF_DIR, check_arguments, to_yaml
 from robustseg.data import build_datamodule
-from robustseg.errors import ConfigError
+from robustseg.errors import CheckpointError, ConfigError, OutputError
 from robustseg.loggers import build_logger, finish
 from robustseg.models import MODELS
 from robustseg.systems import SegmentationSystem
@@ -90,6 +97,8 @@ def build_system(cfg: DictConfig) -> SegmentationSystem:
     system_cfg.pop("monitor", None)
     val_attack = system_cfg.pop("val_attack", None)
     val_steps = system_cfg.pop("val_attack_steps", 2)
+    check_arguments(SegmentationSystem.__init__, system_cfg, "system")
+    _check_system_ranges({**system_cfg, "val_attack_steps": val_steps})
     if val_attack:
         val_attack = _attack_preset(val_attack, steps=val_steps)
     data = container["data"]
@@ -110,6 +119,75 @@ def build_system(cfg: DictConfig) -> SegmentationSystem:
         raise ConfigError(f"cannot build the system from model={model.get('name')!r}, attack: {err}") from None
 
 
+# system.<key>: (lowest, highest) allowed, None = unbounded; a bound in a list is exclusive (lr > 0)
+SYSTEM_RANGES: dict[str, tuple[Any, Any]] = {
+    "lr": ([0.0], None),
+    "weight_decay": (0.0, None),
+    "warmup_epochs": (0, None),
+    "adv_weight": (0.0, 1.0),
+    "freq_weight": (0.0, None),
+    "sw_overlap": (0.0, [1.0]),  # MONAI's sliding window needs overlap < 1
+    "sw_batch_size": (1, None),
+    "val_attack_steps": (1, None),
+    "val_attack_cases": (0, None),
+    "log_images": (0, None),
+}
+
+
+def _check_system_ranges(values: dict[str, Any]) -> None:
+    """Numbers of the ``system`` section must lie in their range (types are checked by ``check_arguments``)."""
+    for key, (low, high) in SYSTEM_RANGES.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"system.{key}={value!r}: expected a number")
+        parts, ok = [], True
+        if low is not None:
+            bound, strict = (low[0], True) if isinstance(low, list) else (low, False)
+            ok &= value > bound if strict else value >= bound
+            parts.append(f"{'>' if strict else '>='} {bound}")
+        if high is not None:
+            bound, strict = (high[0], True) if isinstance(high, list) else (high, False)
+            ok &= value < bound if strict else value <= bound
+            parts.append(f"{'<' if strict else '<='} {bound}")
+        if not ok:
+            raise ConfigError(f"system.{key}={value!r}: expected a number {' and '.join(parts)}")
+
+
+def check_output_dir(path: str | Path, key: str = "output_dir") -> Path:
+    """Check, without writing anything, that ``path`` is or can become a directory this process can write.
+
+    Raises:
+        OutputError: a file stands at ``path`` or one of its parents, or the nearest existing parent is not
+            writable (read-only file system, no permission); the message names ``key`` and the path.
+    """
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe.parent != probe:  # the nearest existing ancestor decides
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == path else f" ({probe} is a file)"
+        raise OutputError(f"{key}={str(path)!r} is a file{where}; expected a directory (or a path one can be made at)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{key}={str(path)!r}: {probe} is not writable (read-only file system or no permission); "
+            "expected a directory you can write"
+        )
+    return path
+
+
+def check_resume_checkpoint(path: str | Path) -> None:
+    """Read a checkpoint to resume from with ``weights_only=True`` before anything is written.
+
+    Raises:
+        CheckpointError: missing, empty, corrupt, or holding objects that could run code when unpickled.
+    """
+    ckpt = safe_torch_load(path, what="checkpoint to resume from (ckpt_path)")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"ckpt_path={str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
+
+
 def _attack_preset(name: str, steps: int) -> dict[str, Any]:
     path = CONF_DIR / "attack" / f"{name}.yaml"
     if not path.is_file():
@@ -128,17 +206,20 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
         cfg: a composed run config (:func:`robustseg.config.load_config`).
         callbacks: extra Lightning callbacks, for programmatic users (the checkpoint callback is always there).
     """
+    check_output_dir(cfg.output_dir)
     run_dir, ckpt_path = resolve_run(cfg)
+    trainer_kwargs = build_trainer_kwargs(cfg.trainer)  # a bad trainer.<key> fails here, before any work
+    resume_from = [ckpt_path] if ckpt_path else _slurm_checkpoints(run_dir)
+    for path in resume_from:
+        check_resume_checkpoint(path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     system = build_system(cfg)
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()
     datamodule.validate()  # every data problem surfaces here, before the Trainer starts
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, run_dir)
     config = system.hparams.config
-    logger = build_logger(config.get("logger"), run_dir, run_dir.name, config)
+    logger = build_logger(config.get("logger"), run_dir, run_dir.name, config, resume=bool(ckpt_path))
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -149,16 +230,23 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
         enable_version_counter=False,
     )
     callbacks = [checkpoint, *callbacks] + ([LearningRateMonitor("step")] if logger is not None else [])
-    trainer = L.Trainer(
-        **build_trainer_kwargs(cfg.trainer),
-        logger=logger if logger is not None else False,
-        callbacks=callbacks,
-        default_root_dir=str(run_dir),
-        inference_mode=system.val_attack is None,  # adversarial validation needs gradients
-    )
-    os.environ[RUN_DIR_ENV] = str(run_dir)
     try:
-        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer = L.Trainer(
+            **trainer_kwargs,
+            logger=logger if logger is not None else False,
+            callbacks=callbacks,
+            default_root_dir=str(run_dir),
+            inference_mode=system.val_attack is None,  # adversarial validation needs gradients
+        )
+    except (ValueError, TypeError, RuntimeError) as err:  # incl. Lightning's MisconfigurationException
+        finish(logger)
+        raise ConfigError(f"trainer: cannot build the Lightning Trainer: {err}") from None
+    _create_run_dir(cfg, run_dir)  # the first write of the run
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    # weights_only=True unless the user trusted this very file (ROBUSTSEG_TRUST_PICKLE): no code runs on resume
+    weights_only = not any(is_trusted(p) for p in resume_from)
+    try:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
         finish(logger)
@@ -167,8 +255,42 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
     return run_dir
 
 
+def _slurm_checkpoints(run_dir: Path) -> list[str]:
+    """The SLURM pre-emption checkpoint Lightning resumes from on its own (highest ``hpc_ckpt_N.ckpt``), if any."""
+    found = list(run_dir.glob("hpc_ckpt_*.ckpt")) if run_dir.is_dir() else []
+    numbered = [(int(p.stem.rsplit("_", 1)[-1]), p) for p in found if p.stem.rsplit("_", 1)[-1].isdigit()]
+    return [str(max(numbered)[1])] if numbered else []
+
+
+def _create_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Create the run directory and write ``config.yaml``; on failure remove what this call created.
+
+    Raises:
+        OutputError: naming the directory, ``output_dir`` and the system's reason (read-only, full disk, ...).
+    """
+    first_new = None  # the outermost directory this call creates, removed again on failure
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists():
+            break
+        first_new = parent
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(cfg, run_dir)
+    except OSError as err:
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+        reason = err.strerror or str(err)
+        raise OutputError(
+            f"cannot write the run directory {run_dir} (output_dir={cfg.output_dir!r}): {reason}; "
+            "expected a writable directory with free space"
+        ) from None
+
+
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:
     path = run_dir / "config.yaml"
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    try:
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a partial temporary file (full disk) never stays behind

@@ -4,6 +4,10 @@ Each problem raises :class:`~robustseg.errors.DataError` naming the split, case 
 unreadable or corrupt NIfTI (e.g. a truncated gzip), an image/label shape or affine mismatch, label values
 outside ``[0, num_classes)`` or not integers, NaN/inf voxels, a channel count that differs from
 ``data.in_channels``. Files are read with nibabel directly, never through MONAI, so no deep traceback.
+
+Data that loads but looks wrong (constant images, volumes far smaller than the ROI, extreme anisotropy) gives
+warnings instead (:mod:`robustseg.data.suspicious`): :func:`check_dataset` logs them once per case and returns
+them by case id.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 
 from robustseg.data.datalist import Case, read_datalist
 from robustseg.data.options import DataOptions
+from robustseg.data.suspicious import suspicious_case
 from robustseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -35,8 +40,11 @@ def _load(path: str, what: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     return array, np.asarray(image.affine, dtype=np.float64)
 
 
-def check_case(case: Case, options: DataOptions, where: str) -> None:
+def check_case(case: Case, options: DataOptions, where: str) -> list[str]:
     """Check one case; ``where`` (e.g. ``"validation case img0001"``) prefixes every message.
+
+    Returns:
+        Warnings about data that is usable but suspicious (see :mod:`robustseg.data.suspicious`), may be empty.
 
     Raises:
         DataError: naming the case, the file and the problem.
@@ -48,6 +56,7 @@ def check_case(case: Case, options: DataOptions, where: str) -> None:
     if label.ndim != 3:
         raise DataError(f"{where}: label {case['label']} has shape {label.shape}; expected a 3D volume")
     channels = 0
+    warnings: list[str] = []
     for path in image_paths:
         image, affine = _load(path, "image", where)
         if image.ndim not in (3, 4):
@@ -65,6 +74,7 @@ def check_case(case: Case, options: DataOptions, where: str) -> None:
         if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
             bad = int((~np.isfinite(image)).sum())
             raise DataError(f"{where}: image {path} has {bad} NaN/inf voxels")
+        warnings += suspicious_case(image, affine, options, path)
     if channels != options.in_channels:
         raise DataError(f"{where}: image has {channels} channel(s) but data.in_channels={options.in_channels}")
     if np.issubdtype(label.dtype, np.floating):
@@ -79,10 +89,11 @@ def check_case(case: Case, options: DataOptions, where: str) -> None:
             f"{where}: label {case['label']} has values {values} outside [0, {options.num_classes}) "
             f"(data.num_classes={options.num_classes})"
         )
+    return warnings
 
 
 def validate_dataset(options: DataOptions) -> dict[str, list[Case]]:
-    """Read the datalist and check every case of every split.
+    """Read the datalist and check every case of every split (warnings are logged, see :func:`check_dataset`).
 
     Returns:
         ``{"training": [case, ...], "validation": [...]}`` with absolute paths and ``case_id``.
@@ -90,14 +101,31 @@ def validate_dataset(options: DataOptions) -> dict[str, list[Case]]:
     Raises:
         DataError: the first problem found, naming the datalist or the case and file.
     """
+    return check_dataset(options)[0]
+
+
+def check_dataset(options: DataOptions) -> tuple[dict[str, list[Case]], dict[str, list[str]]]:
+    """Read the datalist, check every case of every split, log each suspicious case once (one warning line).
+
+    Returns:
+        The splits (as :func:`validate_dataset`) and ``{case_id: [warning, ...]}`` for the cases with warnings.
+
+    Raises:
+        DataError: the first problem found, naming the datalist or the case and file.
+    """
     splits = read_datalist(options.datalist_path, options.root)
+    warnings: dict[str, list[str]] = {}
     for split, cases in splits.items():
         for case in cases:
-            check_case(case, options, where=f"{options.name} {split} case {case['case_id']!r}")
+            where = f"{options.name} {split} case {case['case_id']!r}"
+            found = check_case(case, options, where=where)
+            if found:
+                warnings[str(case["case_id"])] = found
+                log.warning("suspicious data, %s: %s", where, "; ".join(found))
     log.info(
         "data %s: %s checked (%s)",
         options.name,
         options.datalist_path,
         ", ".join(f"{len(c)} {s}" for s, c in splits.items()),
     )
-    return splits
+    return splits, warnings

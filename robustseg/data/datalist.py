@@ -24,6 +24,32 @@ BTCV_VALIDATION_CASES = (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38)
 Case = dict[str, Any]  # {"image": str | list[str] (absolute), "label": str (absolute), "case_id": str}
 
 
+def _check_entry(entry: Any, where: str) -> None:
+    """An entry needs ``image`` (a file name, or a non-empty list of them, one per channel) and ``label`` (a file
+    name); ``id``, when present, a non-empty string or number.
+
+    Raises:
+        DataError: naming the entry (``datalist X: validation[3]``), the key, its value and what was expected.
+    """
+    if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+        raise DataError(f"{where} needs 'image' and 'label' keys, got {entry!r}")
+    image = entry["image"]
+    if isinstance(image, list):
+        if not image or not all(isinstance(p, str) and p.strip() for p in image):
+            raise DataError(
+                f"{where}: 'image'={image!r}: expected a file path, or a non-empty list of file paths (one per channel)"
+            )
+    elif not isinstance(image, str) or not image.strip():
+        raise DataError(f"{where}: 'image'={image!r}: expected a file path (a string relative to the dataset root)")
+    label = entry["label"]
+    if not isinstance(label, str) or not label.strip():
+        raise DataError(f"{where}: 'label'={label!r}: expected a file path (a string relative to the dataset root)")
+    if "id" in entry and (
+        isinstance(entry["id"], bool) or not isinstance(entry["id"], (str, int)) or not str(entry["id"]).strip()
+    ):
+        raise DataError(f"{where}: 'id'={entry['id']!r}: expected a non-empty case name")
+
+
 def case_id_of(entry: dict[str, Any]) -> str:
     """The case's name: its ``id`` key, else the (first) image file name without the NIfTI extension."""
     if "id" in entry:
@@ -36,8 +62,8 @@ def read_datalist(path: Path, root: Path) -> dict[str, list[Case]]:
     """Read ``path`` and return ``{split: [case, ...]}`` with absolute paths under ``root``.
 
     Raises:
-        DataError: the file is missing or not valid JSON, a split is missing, empty or malformed, or two
-            cases share a name.
+        DataError: the file is missing or not valid JSON, a split is missing, empty or malformed, an entry's
+            image or label is not a file path (a number, null, a mapping, an empty list), or two cases share a name.
     """
     if not path.is_file():
         where = "" if root.is_dir() else f" (the dataset root {root} does not exist either)"
@@ -61,8 +87,7 @@ def read_datalist(path: Path, root: Path) -> dict[str, list[Case]]:
             raise DataError(f"datalist {path}: the {split!r} split is empty")
         cases = []
         for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-                raise DataError(f"datalist {path}: {split}[{i}] needs 'image' and 'label' keys, got {entry!r}")
+            _check_entry(entry, f"datalist {path}: {split}[{i}]")
             images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
             image_paths = [str(root / p) for p in images]
             case = {

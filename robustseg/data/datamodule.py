@@ -23,7 +23,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset
 
-from robustseg.data.checks import validate_dataset
+from robustseg.data.checks import check_dataset
 from robustseg.data.datalist import Case
 from robustseg.data.options import DataOptions, parse_options
 from robustseg.data.prepare import prepare_dataset
@@ -49,6 +49,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.class_names = list(options.class_names)
         self.roi_size = tuple(options.roi_size)
         self.cases: dict[str, list[Case]] | None = None  # set by validate()
+        self.data_warnings: dict[str, list[str]] = {}  # case_id -> suspicious-data warnings, set by validate()
         self.train_dataset: Any = None
         self.val_dataset: Any = None
 
@@ -68,8 +69,14 @@ class SegmentationDataModule(L.LightningDataModule):
         """
         if self.cases is None:
             self.prepare_data()
-            self.cases = validate_dataset(self.options)
+            self.cases, self.data_warnings = check_dataset(self.options)
         return self.cases
+
+    def case_warnings(self, case_id: str) -> list[str]:
+        """Warnings about suspicious data in case ``case_id`` (constant image, far smaller than the ROI, extreme
+        anisotropy after resampling); empty when none. Logged once by :meth:`validate`, which this calls."""
+        self.validate()
+        return list(self.data_warnings.get(str(case_id), []))
 
     def setup(self, stage: str | None = None) -> None:
         """Build the cached datasets: training (``fit``) and validation (``fit``/``validate``/other)."""
