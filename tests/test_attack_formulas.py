@@ -198,8 +198,12 @@ def test_vafa_fixed_tables_is_deterministic_quantisation(volume_batch):
     assert torch.equal(first, second)
     m = dct_matrix(8)
     coeffs = dct3(to_blocks(255 * images - 128, 8), m)
-    expected = ((from_blocks(idct3(torch.round(coeffs / 10) * 10, m)) + 128) / 255).clamp(0, 1)
+    soft = soft_round(coeffs / 10, 0.1 * (1 - 1 / 2)) * 10  # the last soft iterate: a at step 1 of 2
+    expected = ((from_blocks(idct3(soft, m)) + 128) / 255).clamp(0, 1)
     torch.testing.assert_close(first, expected, rtol=0, atol=1e-5)
+    hard = ATTACKS.build({"name": "vafa", "q_max": 10, "q_min": 10, "steps": 2, "block_size": 8, "hard_round": True})
+    expected_hard = ((from_blocks(idct3(torch.round(coeffs / 10) * 10, m)) + 128) / 255).clamp(0, 1)
+    torch.testing.assert_close(hard(Sensitive(), images, labels), expected_hard, rtol=0, atol=1e-5)
 
 
 def test_vafa_stats_inits_and_odd_sizes(volume_batch):

@@ -1,8 +1,10 @@
-"""Differentiable 3D SSIM with a separable Gaussian window, and perceptibility statistics of a perturbation.
+"""Differentiable SSIM with a separable Gaussian window: whole-volume and per-block, and perceptibility statistics.
 
-Matches MONAI's ``compute_ssim_and_cs`` (Gaussian window 11, sigma 1.5, valid convolution, k1 0.01, k2 0.03)
-but filters one axis at a time (separable, as banded matrix products), so the SSIM term of VAFA is cheap next to a model
-pass.
+:func:`ssim3d` matches MONAI's ``compute_ssim_and_cs`` (Gaussian window 11, sigma 1.5, valid convolution, k1 0.01,
+k2 0.03) and serves the perceptibility report. :func:`block_ssim` is VAFA's SSIM term as published (Hanif et al.,
+MICCAI 2023; ``pytorch_msssim.ssim(..., data_range=1, win_size=3, nonnegative_ssim=True)`` with the DCT blocks as
+the batch): a 3-voxel window inside each block, each block's mean SSIM clipped at 0, averaged over blocks. Both filter
+one axis at a time (separable, as banded matrix products), so the SSIM term of VAFA is cheap next to a model pass.
 """
 
 from __future__ import annotations
@@ -89,6 +91,68 @@ def ssim3d(
         cs = (2 * (mu_xy - mu_x * mu_y) + c2) / (mu_xx - mu_x**2 + mu_yy - mu_y**2 + c2)
         return ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs).flatten(1).mean(dim=1)
     return _SSIMMean.apply(mu_x, mu_xx, mu_y, mu_yy, mu_xy, c1, c2)
+
+
+def _filter_blocks(maps: Tensor, kernel: Tensor, dims: int) -> Tensor:
+    """Valid separable filtering of the last ``dims`` (2 or 3) axes of ``(N, *block)``: ``(N, *(block - k + 1))``."""
+    if dims == 3:
+        return _filter(maps, kernel)
+    h, w = maps.shape[1:]
+    maps = maps @ _band(kernel, w).T  # along W: (N, H, W')
+    return _band(kernel, h) @ maps  # along H: (N, H', W')
+
+
+def _block_maps(blocks: Tensor, dims: int) -> Tensor:
+    """Blocks ``(..., b, b[, b])`` -> ``(N, b, b[, b])``, one map per block (a copy if ``blocks`` is a view)."""
+    return blocks.reshape(-1, *blocks.shape[-dims:])  # (N, *block)
+
+
+@torch.no_grad()
+def block_ssim_reference(
+    x: Tensor, dims: int, *, win_size: int = 3, sigma: float = 1.5
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The clean blocks ``x`` as ``(N, *block)`` maps and their local means of ``x`` and ``x^2``, for
+    :func:`block_ssim`: computed once per attack, since VAFA's clean side does not change."""
+    maps = _block_maps(x, dims).contiguous()  # (N, *block)
+    kernel = _gaussian_1d(_window(tuple(maps.shape[1:]), win_size), sigma, x.dtype, x.device)
+    moments = _filter_blocks(torch.cat([maps, maps * maps]), kernel, dims)  # (2N, *block')
+    return maps, moments[: maps.shape[0]], moments[maps.shape[0] :]
+
+
+def block_ssim(
+    x: Tensor,
+    y: Tensor,
+    dims: int,
+    *,
+    data_range: float = 1.0,
+    win_size: int = 3,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    reference: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Per-block SSIM, averaged over blocks: VAFA's perceptual term (Hanif et al., MICCAI 2023, Eq. 2).
+
+    Each block of ``x`` and ``y`` (``(..., b, b, b)`` for ``dims=3``, ``(..., b, b)`` for 2) gets the mean of its
+    SSIM map under a Gaussian window of ``win_size`` (sigma 1.5, valid convolution inside the block), clipped at 0
+    (``nonnegative_ssim``); the result is the mean over all blocks, a scalar. Gradients flow to ``y`` only.
+
+    Args:
+        reference: :func:`block_ssim_reference` of ``x`` (same window settings), when ``x`` does not change.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"block_ssim: shapes differ, {tuple(x.shape)} and {tuple(y.shape)}")
+    if reference is None:
+        reference = block_ssim_reference(x, dims, win_size=win_size, sigma=sigma)
+    xs, mu_x, mu_xx = reference  # (N, *block), (N, *block') twice
+    ys = _block_maps(y, dims)  # (N, *block)
+    kernel = _gaussian_1d(_window(tuple(ys.shape[1:]), win_size), sigma, y.dtype, y.device)
+    n = ys.shape[0]
+    moments = _filter_blocks(torch.cat([ys, ys * ys, xs * ys]), kernel, dims)  # (3N, *block')
+    mu_y, mu_yy, mu_xy = moments[:n], moments[n : 2 * n], moments[2 * n :]
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    per_block = _SSIMMean.apply(mu_x, mu_xx, mu_y, mu_yy, mu_xy, c1, c2)  # (N,)
+    return torch.relu(per_block).mean()  # nonnegative_ssim: each block's SSIM clipped at 0
 
 
 class _SSIMMean(torch.autograd.Function):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,15 +25,17 @@ from robustseg.attacks.frequency import (
     to_blocks2d,
 )
 from robustseg.attacks.losses import LOSSES, check_loss
-from robustseg.attacks.ssim import ssim3d, ssim_reference
+from robustseg.attacks.ssim import block_ssim, block_ssim_reference
 from robustseg.attacks.targets import TARGETS
 from robustseg.errors import ConfigError
 from robustseg.registry import ATTACKS
 
-# init -> (starting value of q, default q_min): the paper starts at 1 with q_min 1, the published code at
-# q_max with q_min 5.
-INITS: dict[str, tuple[str, float]] = {"paper": ("one", 1.0), "published": ("q_max", 5.0)}
-A_START = 0.1  # soft-rounding softness at the first step, annealed linearly towards 0
+log = logging.getLogger(__name__)
+
+# init -> (where q starts, default q_min). "published": the authors' code starts every entry at q_max with q_min 5
+# (the only start under which the paper's q_max sweep changes anything); "paper": Algorithm 1 starts at 1, q_min 1.
+INITS: dict[str, tuple[str, float]] = {"published": ("q_max", 5.0), "paper": ("one", 1.0)}
+A_START = 0.1  # soft-rounding softness at the first step, annealed linearly towards 0 (published: 0.1 -> 1e-20)
 
 
 def rescale_axial_slices(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -52,28 +55,37 @@ def rescale_axial_slices(x: Tensor, eps: float = 1e-6) -> Tensor:
 @dataclass(frozen=True)
 class VAFA(Attack):
     """Volumetric Adversarial Frequency Attack (Hanif et al., "Frequency Domain Adversarial Training for Robust
-    Volumetric Medical Segmentation", MICCAI 2023).
+    Volumetric Medical Segmentation", MICCAI 2023), as published.
 
     Each ``b^3`` block ``x`` of the volume becomes ``c = DCT3(255 x - 128)``, quantised with its own learnable
     table ``q`` (one ``b^3`` table per block) as ``c' = R_a(c / q) q`` with the soft rounding ``R_a``
-    (:func:`~robustseg.attacks.frequency.soft_round`, fused in ``soft_quantise``; ``a`` annealed linearly from
-    0.1 towards 0), and
-    ``x' = (IDCT3(c') + 128) / 255``. Each of ``steps`` steps maximises ``L(M(x'), y) - (1 - SSIM(x, x'))``
-    by ``q <- clip(q + sign(grad_q), q_min, q_max)``. The result is ``x'`` from the final tables with hard
-    rounding, clipped to ``[0, 1]``. Not norm-bounded: report :func:`~robustseg.attacks.ssim.perceptibility`.
+    (:func:`~robustseg.attacks.frequency.soft_round`, fused in ``soft_quantise``; ``a = 0.1 (1 - t / T)`` at step
+    ``t`` of ``T``), and ``x' = (IDCT3(c') + 128) / 255``. Each step maximises
+    ``L(M(x'), y) - (1 - SSIM(x, x'))`` by ``q <- clip(q + sign(grad_q), q_min, q_max)``, with the published
+    per-block SSIM (:func:`~robustseg.attacks.ssim.block_ssim`: window 3, data range 1, each block's SSIM clipped
+    at 0, mean over blocks). The result is the last ``x'`` of the loop (soft rounding, the tables before the final
+    update: what the published code and Algorithm 1 return), clipped to ``[0, 1]``. The final update would be
+    discarded, so the last step runs no model pass: ``steps - 1`` forwards and backwards (``steps`` with
+    ``hard_round``). Not norm-bounded: report :func:`~robustseg.attacks.ssim.perceptibility`.
 
     Volumes whose sizes are not multiples of ``block_size`` are replicate-padded to the next multiple, attacked,
-    and cropped back.
+    and cropped back (the SSIM term sees the padded blocks).
 
     Args:
         q_max: upper bound of the quantisation tables (paper: 10, 20, 30); larger is stronger and more visible.
         q_min: lower bound; ``None`` takes the default of ``init``.
-        steps: optimisation steps (= model forwards).
+        steps: optimisation steps (tables updated ``steps - 1`` times; the last step only reconstructs).
         block_size: DCT block edge ``b`` (paper: 32 for 3D; 8 for the 2D variant).
         use_ssim: subtract the ``1 - SSIM(x, x')`` term from the objective.
-        init: ``"paper"`` (q starts at 1, q_min 1) or ``"published"`` (q starts at q_max, q_min 5, as the code).
+        init: ``"published"`` (q starts at q_max, q_min 5: the authors' code, the default) or ``"paper"``
+            (Algorithm 1: q starts at 1, q_min 1; q can then reach only ``1 + steps``, so larger q_max do nothing:
+            a warning says so).
+        hard_round: return the hard-rounded reconstruction from the tables after the final update instead (the
+            model never saw that point).
+        clip_steps: clip ``x'`` to ``[0, 1]`` inside the steps (the published code does not; clipping zeroes the
+            gradient of every clipped voxel).
         rescale_slices: min-max rescale each axial slice of ``x'`` as the published code does (safe on constant
-            slices here); off by default.
+            slices here); off by default in 3D.
         loss: key into ``LOSSES``.
         targeted, target: move towards a target map instead (see :class:`~robustseg.attacks.base.Attack`).
     """
@@ -86,7 +98,9 @@ class VAFA(Attack):
     steps: int = 20
     block_size: int = 32
     use_ssim: bool = True
-    init: str = "paper"
+    init: str = "published"
+    hard_round: bool = False
+    clip_steps: bool = False
     rescale_slices: bool = False
     loss: str = "dice_ce"
     targeted: bool = False
@@ -104,15 +118,37 @@ class VAFA(Attack):
             raise ConfigError(f"{name}.q_min/q_max: need 0 < q_min <= q_max, got {self.q_min} and {self.q_max}")
         check_positive_int(self.steps, "steps", name)
         check_positive_int(self.block_size, "block_size", name)
+        for flag in ("use_ssim", "hard_round", "clip_steps", "rescale_slices", "targeted"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{name}.{flag}: expected true or false, got {getattr(self, flag)!r}")
         check_loss(self.loss, name, targeted=self.targeted)
         if self.targeted:
             TARGETS[self.target]  # noqa: B018  (raises ConfigError naming the known rules)
+        if self.init == "paper" and self.q_max > self.start + self.steps:
+            log.warning(
+                "%s: init=paper starts q at %g and moves it by 1 per step, so after %d steps q <= %g: q_max=%g acts "
+                "as q_max=%g and a q_max sweep above it changes nothing; use init=published (the authors' code)",
+                name,
+                self.start,
+                self.steps,
+                self.start + self.steps,
+                self.q_max,
+                self.start + self.steps,
+            )
+
+    @property
+    def start(self) -> float:
+        """The value every table entry starts at."""
+        value = 1.0 if INITS[self.init][0] == "one" else self.q_max
+        return min(max(value, self.q_min), self.q_max)  # type: ignore[type-var]
 
     def describe(self) -> str:
-        """One line naming the settings that matter for a report, including which initialisation ran."""
+        """One line naming the settings that matter for a report, including which variant ran."""
         return (
             f"{type(self).__name__.lower()}(q_max={self.q_max:g}, q_min={self.q_min:g}, init={self.init}, "
-            f"block={self.block_size}^{self.dims}, steps={self.steps}, ssim={'on' if self.use_ssim else 'off'})"
+            f"block={self.block_size}^{self.dims}, steps={self.steps}, ssim={'on' if self.use_ssim else 'off'}, "
+            f"output={'hard' if self.hard_round else 'soft'}, clip_steps={self.clip_steps}, "
+            f"rescale_slices={self.rescale_slices})"
         )
 
     # block transform: the 2D variant overrides these four -------------------------------------------------------
@@ -129,42 +165,56 @@ class VAFA(Attack):
         return idct3(coeffs, m)
 
     # attack -----------------------------------------------------------------------------------------------------
-    def reconstruct(self, coeffs: Tensor, q: Tensor, m: Tensor, size: tuple[int, int, int], a: float | None) -> Tensor:
-        """``x'`` ``(B, C, D, H, W)`` from block coefficients and tables; ``a=None`` rounds hard."""
+    def reconstruct(self, coeffs: Tensor, q: Tensor, m: Tensor, a: float | None) -> Tensor:
+        """``x'`` as blocks (the layout of ``coeffs``) from the tables ``q``; ``a=None`` rounds hard."""
         quantised = torch.round(coeffs / q) * q if a is None else soft_quantise(coeffs, q, a)
-        x = (self.idct(quantised, m) + 128.0) / 255.0  # blocks, back in [0, 1] units
-        x = crop_to(self.merge(x), size)  # (B, C, D, H, W)
-        if self.rescale_slices:
-            x = rescale_axial_slices(x)
-        return x.clamp(0.0, 1.0)
+        blocks = (self.idct(quantised, m) + 128.0) / 255.0  # back in [0, 1] units, unclipped
+        return blocks.clamp(0.0, 1.0) if self.clip_steps else blocks
+
+    def to_volume(self, blocks: Tensor, size: tuple[int, int, int]) -> Tensor:
+        """Blocks of ``x'`` -> the volume ``(B, C, D, H, W)`` the model sees."""
+        x = crop_to(self.merge(blocks), size)  # (B, C, D, H, W)
+        return rescale_axial_slices(x) if self.rescale_slices else x
 
     def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         padded, size = pad_to_multiple(images, self.block_size, self.block_axes)  # (B, C, D', H', W')
         m = dct_matrix(self.block_size, dtype=images.dtype, device=images.device)
-        coeffs = self.dct(self.split(255.0 * padded - 128.0), m)  # per-block coefficients, fixed
-        start = 1.0 if INITS[self.init][0] == "one" else self.q_max
-        q = torch.full_like(coeffs, min(max(start, self.q_min), self.q_max))  # one table per block
+        clean = self.split(padded)  # blocks of x, a view
+        coeffs = self.dct(255.0 * clean - 128.0, m)  # per-block coefficients, fixed
+        q = torch.full_like(coeffs, self.start)  # one table per block
         loss_fn = LOSSES[self.loss]
-        reference = ssim_reference(images) if self.use_ssim else None  # the clean side of SSIM, once
+        reference = block_ssim_reference(clean, self.dims) if self.use_ssim else None  # the clean side, once
         for step in range(self.steps):
             a = A_START * (1.0 - step / self.steps)  # 0.1 -> 0.1 / steps
+            if step == self.steps - 1 and not self.hard_round:  # the final update would be discarded: skip it
+                with torch.no_grad():
+                    return self.to_volume(self.reconstruct(coeffs, q, m, a), size).clamp(0.0, 1.0)
             q.requires_grad_(True)
-            adversarial = self.reconstruct(coeffs, q, m, size, a)
+            blocks = self.reconstruct(coeffs, q, m, a)
+            adversarial = self.to_volume(blocks, size)
             objective = loss_fn(model(adversarial), labels)
             if self.targeted:
                 objective = -objective
             if self.use_ssim:
-                objective = objective - (1.0 - ssim3d(images, adversarial, reference=reference)).mean()
+                # the blocks of what the model saw: ``blocks`` itself unless the slices were rescaled after merging
+                seen = (
+                    self.split(pad_to_multiple(adversarial, self.block_size, self.block_axes)[0])
+                    if self.rescale_slices
+                    else blocks
+                )
+                objective = objective - (1.0 - block_ssim(clean, seen, self.dims, reference=reference))
             (grad,) = torch.autograd.grad(objective, q)
             q = (q.detach() + grad.sign()).clamp(self.q_min, self.q_max)
-        with torch.no_grad():
-            return self.reconstruct(coeffs, q, m, size, None)
+        with torch.no_grad():  # hard_round: the tables after the final update, rounded hard
+            return self.to_volume(self.reconstruct(coeffs, q, m, None), size).clamp(0.0, 1.0)
 
 
 @ATTACKS.register("vafa2d")
 @dataclass(frozen=True)
 class VAFA2D(VAFA):
-    """VAFA with a 2D DCT on ``b x b`` blocks of each axial slice (last axis); the paper's setting is 8 x 8.
+    """VAFA with a 2D DCT on ``b x b`` blocks of each axial slice (last axis), as published in the VAFA repository
+    (an AdvDrop adaptation): one table per slice and block, no SSIM term, per-slice min-max rescaling (safe on
+    constant slices here), 10 steps, 8 x 8 blocks.
 
     Malik et al. (BMVC 2024) use it to compare the 3D attack with its slice-wise counterpart.
     """
@@ -172,7 +222,10 @@ class VAFA2D(VAFA):
     dims: ClassVar[int] = 2
     block_axes: ClassVar[tuple[int, ...]] = (0, 1)  # D and H of each axial slice
 
+    steps: int = 10
     block_size: int = 8
+    use_ssim: bool = False
+    rescale_slices: bool = True
 
     def split(self, x: Tensor) -> Tensor:
         return to_blocks2d(x, self.block_size)  # (B, C, W, nd, nh, b, b)
