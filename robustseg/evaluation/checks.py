@@ -108,10 +108,19 @@ def check_monotonic(rows: Iterable[Mapping[str, Any]], tolerance: float = 1e-3) 
 
 
 def input_gradient_fractions(loss_fn: Callable[[Tensor], Tensor], image: Tensor) -> tuple[float, float]:
-    """(zero fraction, NaN fraction) of d loss / d image for a (1, C, D, H, W) image."""
+    """(zero fraction, NaN fraction) of d loss / d image for a (1, C, D, H, W) image.
+
+    A model that cuts the graph (``detach``, a non-differentiable wrapper) has no gradient at all: every
+    gradient counts as zero, which is exactly the masking the flag reports, never a crash.
+    """
     x = image.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        (grad,) = torch.autograd.grad(loss_fn(x), x)
+        loss = loss_fn(x)
+        if not loss.requires_grad:
+            return 1.0, 0.0
+        (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    if grad is None:
+        return 1.0, 0.0
     return float((grad == 0).float().mean()), float(torch.isnan(grad).float().mean())
 
 

@@ -9,7 +9,9 @@ as a number (``budget_value``: eps in [0, 1] or VAFA's q_max) and in HU where th
 ``hd95_<class>`` and ``nsd_<class>`` (foreground classes), means over the cases; ``pooled_dice_<class>`` is
 Dice from the voxel counts summed over the cases where records carry them.
 
-Worst-case rows (``attack=worst``, and ``worst[<group>]`` per attack group) are built by :mod:`.worst`.
+Worst-case rows (``attack=worst``, and ``worst[<group>]`` per attack group) are built by :mod:`.worst`. Records
+that a cascade skipped (``skipped``: the case was already broken by an earlier attack) have no metrics: they are
+left out of their attack's means (counted in ``n_skipped``) and never chosen as a worst case.
 Rows are sorted by budget value, never by budget text (``16/255`` after ``8/255``).
 """
 
@@ -40,6 +42,7 @@ CSV_FIELDS = (
     "mode",
     "seed",
     "n_cases",
+    "n_skipped",
     "dice_mean",
     "dice_mean_bg",
     "pooled_dice_mean",
@@ -245,8 +248,13 @@ def summarise(
 
     records = list(records)
     groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    skipped: dict[tuple, int] = defaultdict(int)
     for r in records:
-        groups[(r["source"], r["target"], r["attack"], r["budget"])].append(r)
-    rows = [make_row(g, class_names, context) for g in groups.values()]
+        key = (r["source"], r["target"], r["attack"], r["budget"])
+        if r.get("skipped"):  # a cascade skipped this attack on this case (already broken): no metrics
+            skipped[key] += 1
+        else:
+            groups[key].append(r)
+    rows = [make_row(g, class_names, context, n_skipped=skipped.get(k, 0)) for k, g in groups.items()]
     rows += worst_rows(records, class_names, context)
     return sort_rows(rows)
