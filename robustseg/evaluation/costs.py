@@ -14,12 +14,31 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from robustseg.evaluation.records import read_records
 
 PASSES = ("forwards", "windows", "backwards")
+
+
+@dataclass
+class RunStats:
+    """What this process spent: attack generations and network passes, by phase (checks are ``overhead``)."""
+
+    generations: int = 0
+    reused_volumes: int = 0
+    attack_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
+    score_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
+    overhead_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
+    records_written: int = 0
+    records_skipped: int = 0
+    seconds: float = 0.0
+
+    def add(self, phase: dict[str, int], before: dict[str, int], after: dict[str, int]) -> None:
+        for k in phase:
+            phase[k] += after[k] - before[k]
 
 
 def costs_path(out: Path, index: int, count: int) -> Path:

@@ -62,6 +62,21 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
+def case_seed(seed: int, *parts: str) -> int:
+    """A seed per (source, attack, budget, case) that does not depend on run order or sharding."""
+    digest = hashlib.sha256("|".join([str(seed), *parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def budget_value(spec: Any) -> float | None:
+    """The budget as a number: eps / sigma in [0, 1] units, or VAFA's q_max; None for a preset budget."""
+    if spec.eps is not None:
+        return float(spec.eps)
+    if spec.budget.startswith("q_max") and "q_max" in spec.config:
+        return float(spec.config["q_max"])
+    return None
+
+
 def data_preprocessing(data: Any) -> dict[str, Any]:
     """The resolved preprocessing of a data config (``DataOptions`` or a ``data`` mapping), for identities."""
     if dataclasses.is_dataclass(data):

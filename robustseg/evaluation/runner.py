@@ -15,25 +15,24 @@ resumed runs. Scoring and crafting run the networks in eval mode through :class:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from torch import Tensor
 
 from robustseg.evaluation import checks, identity
+from robustseg.evaluation.costs import PASSES, RunStats
 from robustseg.evaluation.frequency import band_filtered_inputs
+from robustseg.evaluation.identity import budget_value, case_seed
 from robustseg.evaluation.metrics import flip_rate, perturbation_metrics
 from robustseg.evaluation.progress import Progress
 from robustseg.evaluation.records import CaseLog
 from robustseg.evaluation.region import real_case
 from robustseg.evaluation.resolve import LoadedModel
+from robustseg.evaluation.sanity import SanityChecks
 from robustseg.evaluation.scoring import PassCounter, SlidingWindow, dice_mean, predict, score_prediction
 from robustseg.evaluation.store import AdversarialStore
 from robustseg.evaluation.suite import AttackSpec
@@ -43,43 +42,9 @@ __all__ = ["CLEAN", "Evaluator", "PassCounter", "RunStats", "SlidingWindow", "ca
 log = logging.getLogger(__name__)
 
 CLEAN = identity.CLEAN
-PASSES = ("forwards", "windows", "backwards")
 
 
-@dataclass
-class RunStats:
-    """What this process spent: attack generations and network passes, by phase (checks are ``overhead``)."""
-
-    generations: int = 0
-    reused_volumes: int = 0
-    attack_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
-    score_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
-    overhead_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASSES, 0))
-    records_written: int = 0
-    records_skipped: int = 0
-    seconds: float = 0.0
-
-    def add(self, phase: dict[str, int], before: dict[str, int], after: dict[str, int]) -> None:
-        for k in phase:
-            phase[k] += after[k] - before[k]
-
-
-def case_seed(seed: int, *parts: str) -> int:
-    """A seed per (source, attack, budget, case) that does not depend on run order or sharding."""
-    digest = hashlib.sha256("|".join([str(seed), *parts]).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def budget_value(spec: AttackSpec) -> float | None:
-    """The budget as a number: eps / sigma in [0, 1] units, or VAFA's q_max; None for a preset budget."""
-    if spec.eps is not None:
-        return float(spec.eps)
-    if spec.budget.startswith("q_max") and "q_max" in spec.config:
-        return float(spec.config["q_max"])
-    return None
-
-
-class Evaluator:
+class Evaluator(SanityChecks):
     """Runs the white-box/transfer evaluation over cases; see the module docstring.
 
     Args:
@@ -442,52 +407,3 @@ class Evaluator:
         record = {"source": source, "target": target, "attack": attack, "budget": budget, "case_id": case_id}
         self.log.append({**fields, **record, "settings_id": settings_id})
         self.stats.records_written += 1
-
-    # -- sanity checks on the first case with work to do -------------------------------------------------------
-
-    def run_checks(self, image: Tensor, label: Tensor) -> None:
-        """Determinism and input gradients of every model, eps=0 of every attack; passes count as overhead."""
-        self.checked = True
-        self._counted(self.stats.overhead_passes, lambda: self._checks(image, label))
-
-    def _checks(self, image: Tensor, label: Tensor) -> None:
-        for model in self.models.values():
-            self._check_model(model, image, label, self.predict(model, image))
-        for source, _targets in self.plan():
-            for spec in self.suite:
-                if spec.eps is not None:
-                    self._check_eps_zero(source, spec, image, label)
-
-    def _check_model(self, model: LoadedModel, image: Tensor, label: Tensor, logits: Tensor) -> None:
-        again = self.predict(model, image)
-        self.flags.append(checks.check_determinism(model.label, logits, again))
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
-        counter = self.counters[model.label].train(False)
-        window = self.window
-
-        def loss_fn(x: Tensor) -> Tensor:
-            out = sliding_window_inference(
-                x,
-                window.roi(model),
-                window.sw_batch_size,
-                counter,
-                window.overlap,
-                window.blend_mode,
-                sigma_scale=window.sigma_scale,
-            )
-            return loss(out, label)
-
-        zero, nan = checks.input_gradient_fractions(loss_fn, image)
-        self.flags.append(checks.check_gradients(model.label, zero, nan, self.max_zero_grad_fraction))
-
-    def _check_eps_zero(self, source: LoadedModel, spec: AttackSpec, image: Tensor, label: Tensor) -> None:
-        zero = spec.with_budget(0.0, steps=1)  # with eps 0 the result cannot depend on the step count
-        if any(f.name == "eps_zero" and f.detail.startswith(f"{source.label}/{spec.label}:") for f in self.flags):
-            return
-        adversarial = self.craft(source, zero, image, label, seed=self.seed)
-        if torch.equal(adversarial, image):  # identical input: the prediction is identical iff determinism holds
-            clean = adv = torch.zeros(())
-        else:
-            clean = self.predict(source, image).argmax(1)
-            adv = self.predict(source, adversarial).argmax(1)
-        self.flags.append(checks.check_eps_zero(f"{source.label}/{spec.label}", image, adversarial, clean, adv))
