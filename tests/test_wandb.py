@@ -247,3 +247,34 @@ def test_training_logs_curves_and_slice_images_to_an_offline_run(tmp_path, offli
     assert slices and all(p.stat().st_size > 0 for p in slices)
     assert run["config"]["model"]["name"] == "unet"
     assert "val/dice/clean" in run["summary"] or any(k.startswith("val/dice/clean") for k in run["summary"])
+
+
+@pytest.mark.slow
+def test_evaluate_transfer_with_the_default_wandb_logger(tmp_path, offline):
+    """Issue 9's reproduction: ``evaluate.py --source unet --target segresnet,unet`` with W&B (offline) must not
+    crash in ``wandb.Table`` and must leave the summary, per-class and transfer tables in the run."""
+    from test_evaluation_e2e import eval_cfg, make_run
+
+    from robustseg.evaluation import evaluate
+
+    make_run(tmp_path / "runs", "unet-synthetic", "unet", tmp_path / "data")
+    make_run(tmp_path / "runs", "segresnet-synthetic", "segresnet", tmp_path / "data", seed=1)
+    args = ("--source", "unet", "--target", "segresnet,unet", "max_cases=1", "logger=wandb", "frequency.bands=null")
+    out = evaluate(eval_cfg(tmp_path, tmp_path / "out", *args))
+    assert not wandb_children()
+    run = run_contents(offline)
+    summary = table(run["files"], "eval/summary")
+    assert {(r["source"], r["target"], r["attack"], r["budget"]) for r in summary} >= {
+        ("unet", "segresnet", "fgsm", "2/255"),
+        ("unet", "unet", "fgsm", "8/255"),
+        ("", "unet", "clean", "0"),
+    }
+    fgsm = next(r for r in summary if r["attack"] == "fgsm")
+    assert fgsm["attack.steps"] == 1 and fgsm["attack.random_start"] is False and isinstance(fgsm["budget_ok"], bool)
+    assert table(run["files"], "eval/per_class") and table(run["files"], "eval/transfer_matrix")
+    assert run["summary"]["eval/dice/fgsm@8/255@unet/segresnet"] == pytest.approx(
+        next(
+            r["dice_mean"] for r in summary if (r["target"], r["attack"], r["budget"]) == ("segresnet", "fgsm", "8/255")
+        )
+    )
+    assert (out / "report.md").exists() and (run["files"] / "report.md").exists()

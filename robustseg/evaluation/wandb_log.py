@@ -75,7 +75,7 @@ def typed_table_data(records: Sequence[Mapping[str, Any]], cols: Sequence[str]) 
     kinds = {c: _kind([r.get(c) for r in records]) for c in cols}
 
     def convert(value: Any, kind: str) -> Any:
-        if value is None or value == "":
+        if value is None or (value == "" and kind != "text"):
             return None
         if kind == "number":
             return float(value) if math.isfinite(float(value)) else None
