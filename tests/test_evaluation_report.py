@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 
+from robustseg.evaluation.plots import budget_curves, plot_dice_vs_budget
 from robustseg.evaluation.report import write_outputs
 from robustseg.evaluation.summary import summarise
 from robustseg.evaluation.tables import threat_text, whitebox_table
@@ -196,3 +197,14 @@ def test_report_shows_worst_table_flags_not_checked_and_figure_paths(tmp_path):
     worst_line = next(line for line in report.splitlines() if line.startswith("| unet | unet | worst | 8/255"))
     assert "fgsm@8/255: 1" in worst_line and "80.00 | pgd@8/255: 1" in worst_line
     assert "![m](montages/m.png)" in report
+
+
+def test_dice_vs_budget_has_vafa_on_its_q_max_axis(tmp_path):
+    records = [clean("c0")]
+    for budget, q, dice in (("q_max=30", 30, 0.3), ("q_max=10", 10, 0.6)):
+        records.append(record("vafa", budget, "c0", dice, 10, 0.5, config={**VAFA, "q_max": q}))
+    records.append(record("pgd", "8/255", "c0", 0.4, 10, 0.5, eps=8 / 255, config=PGD))
+    curves = budget_curves(summarise(records, CLASSES, CONTEXT))
+    assert curves[("q_max", "unet")][("unet", "vafa")] == [(0.0, 0.9), (10.0, 0.6), (30.0, 0.3)]
+    assert curves[("eps", "unet")][("unet", "pgd")] == [(0.0, 0.9), (pytest.approx(8 / 255), 0.4)]
+    assert plot_dice_vs_budget(summarise(records, CLASSES, CONTEXT), tmp_path / "p.png").stat().st_size > 0

@@ -25,36 +25,46 @@ from robustseg.evaluation.tables import transfer_matrices  # noqa: E402
 AXIS_LABEL = {"eps": ("eps", 255.0, "budget eps x 255"), "q_max": ("q_max", 1.0, "VAFA budget q_max")}
 
 
+def budget_curves(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[tuple[str, str], list]]:
+    """``{(axis, target): {(source, attack): [(budget, Dice), ...]}}`` of every attack with a numeric budget.
+
+    ``axis`` is ``eps`` (x 255 on the plot) or ``q_max`` (VAFA); each curve starts at the target's clean Dice
+    at budget 0 and is sorted by budget value.
+    """
+    clean = {r["target"]: r["dice_mean"] for r in rows if r["attack"] == CLEAN}
+    out: dict[tuple[str, str], dict[tuple[str, str], list]] = {}
+    for r in rows:
+        if r["attack"] == CLEAN or str(r["attack"]).startswith(WORST) or budget_value(r) is None:
+            continue
+        curve = out.setdefault((budget_axis(r), r["target"]), {}).setdefault((r["source"], r["attack"]), [])
+        curve.append((budget_value(r), r["dice_mean"]))
+    for (_, target), curves in out.items():
+        for key, points in curves.items():
+            start = [(0.0, clean[target])] if target in clean else []
+            curves[key] = start + sorted(points)
+    return out
+
+
 def plot_dice_vs_budget(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     """Panels (budget axis x target): mean Dice against the budget for every attack and source; clean at 0."""
-    curves = [r for r in rows if r["attack"] not in (CLEAN, WORST) and budget_value(r) is not None]
-    curves = [r for r in curves if not str(r["attack"]).startswith(WORST)]
+    curves = budget_curves(rows)
     if not curves:
         return None
-    targets = sorted({r["target"] for r in curves})
-    axes_used = [a for a in AXIS_LABEL if any(budget_axis(r) == a for r in curves)]
+    targets = sorted({t for _, t in curves})
+    axes_used = [a for a in AXIS_LABEL if any(axis == a for axis, _ in curves)]
     fig, axes = plt.subplots(
         len(axes_used), len(targets), figsize=(4.5 * len(targets), 3.6 * len(axes_used)), squeeze=False
     )
     for i, axis in enumerate(axes_used):
         _, scale, xlabel = AXIS_LABEL[axis]
         for ax, t in zip(axes[i], targets):
-            clean = next((r["dice_mean"] for r in rows if r["target"] == t and r["attack"] == CLEAN), None)
-            mine = [r for r in curves if r["target"] == t and budget_axis(r) == axis]
-            for source, attack in sorted({(r["source"], r["attack"]) for r in mine}):
-                pts = sorted(
-                    (budget_value(r) * scale, r["dice_mean"])
-                    for r in mine
-                    if (r["source"], r["attack"]) == (source, attack)
-                )
-                if clean is not None:
-                    pts = [(0.0, clean), *pts]
-                xs, ys = zip(*pts)
+            for (source, attack), points in sorted(curves.get((axis, t), {}).items()):
+                xs, ys = zip(*[(x * scale, y) for x, y in points])
                 style = "-o" if source == t else "--s"
                 ax.plot(xs, ys, style, label=f"{attack}" + ("" if source == t else f" from {source}"))
             ax.set(title=f"target {t}", xlabel=xlabel, ylabel="mean Dice (no background)", ylim=(0, 1))
             ax.grid(alpha=0.3)
-            if mine:
+            if curves.get((axis, t)):
                 ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
