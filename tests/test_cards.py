@@ -176,3 +176,40 @@ def test_load_card_refuses_non_json(tmp_path):
     path.write_text("{not json")
     with pytest.raises(CardError, match="card.json: cannot read"):
         load_card(path)
+
+
+def test_cards_from_report_model_dicts_and_record_costs(tmp_path):
+    """finalize hands the report's model dicts (no network) and the records, whose ``cost`` gives passes per target
+    and per threat model; the parameter count is read from the checkpoint's ``net.`` weights."""
+    run = tmp_path / "cnn"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(CLEAN_CFG))
+    ckpt = run / "checkpoints" / "best.ckpt"
+    torch.save({"state_dict": {"net.w": torch.zeros(3, 5), "loss.x": torch.zeros(7)}}, ckpt)
+    models = [
+        {
+            "label": "cnn",
+            "architecture": "unet",
+            "run_dir": str(run),
+            "checkpoint": str(ckpt),
+            "checkpoint_sha256": SHA,
+        },
+        {"label": "surrogate", "architecture": "unetr", "run_dir": None, "checkpoint": "x", "checkpoint_sha256": SHA},
+    ]
+
+    def record(attack, budget, fwd, bwd):
+        cost = {"attack_forwards": fwd, "attack_backwards": bwd, "score_forwards": 1, "seconds": 0.5}
+        return {"source": "cnn", "target": "cnn", "attack": attack, "budget": budget, "case_id": "a", "cost": cost}
+
+    records = [record("fgsm", "8/255", 2, 1), record("pgd", "8/255", 20, 10), record("pgd", "4/255", 20, 10)]
+    records.append({"source": "", "target": "cnn", "attack": "clean", "budget": "0", "case_id": "a", "cost": {}})
+    paths = write_cards(tmp_path / "eval", _rows(), models, [], {}, {"data": "lits117 (validation, 1 case(s))"},
+                        records=records, class_names=CLASSES)  # fmt: skip
+    card = load_card(paths[0])
+    assert [p.name for p in paths] == ["cnn.json"]  # the surrogate has no clean row: no card
+    assert card.model.parameters == 15 and card.model.architecture == "unet" and card.training.epochs == 40
+    assert card.dataset.class_names == CLASSES and card.clean.dice_per_class["tumour"] == pytest.approx(0.75)
+    assert (card.cost.scope, card.cost.attack_forwards, card.cost.attack_backwards) == ("target", 42, 21)
+    by_id = {t.id: t for t in card.threat_models}
+    assert (by_id["white-box linf 8/255"].attack_forwards, by_id["white-box linf 8/255"].attack_backwards) == (22, 11)
+    assert by_id["white-box frequency q_max=20"].attack_forwards is None  # no record: not recorded, never 0

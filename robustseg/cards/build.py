@@ -1,10 +1,9 @@
 """Build robustness cards (``robustseg-card/1``) from an evaluation: its summary rows, models, flags and costs.
 
 One card per target model: :func:`build_card` assembles it, :func:`write_cards` writes
-``<out_dir>/cards/<target label>.json`` for every target and validates each before writing. Threat models are
-read from the summary rows: every (kind, source, budget) a target was attacked under is one threat model, its
-attacks are the rows of that budget, and its worst case is the evaluation's per-case worst row (AutoAttack's
-point-wise rule) when two or more attacks ran at that budget.
+``<out_dir>/cards/<target label>.json`` for every target and validates each before writing. The threat models
+come from the summary rows (:mod:`robustseg.cards.threats`); training mode, training data and preprocessing from
+the model's run ``config.yaml``; flags concern a model when they name it or name no model.
 """
 
 from __future__ import annotations
@@ -19,12 +18,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from robustseg.cards.schema import FORMAT, Card, validate_card
+from robustseg.cards.threats import CLEAN, as_float, metrics_of, threat_models
 
-CLEAN = "clean"
-WORST = "worst"
-RELIABLE_GROUP = "reliable"
 REPORTS = {"report": "report.md", "summary": "summary.json", "summary_csv": "summary.csv"}
-_COUNT = re.compile(r"([^,:]+):\s*(\d+)")
 
 
 def _version() -> str:
@@ -34,122 +30,6 @@ def _version() -> str:
         return version("robustseg")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_") or "class"
-
-
-def metrics_of(row: Mapping[str, Any], class_names: Sequence[str] | None) -> dict[str, Any]:
-    """Card metrics from a summary row (old rows: ``dice_per_class`` list; new rows: ``dice_<class>`` columns)."""
-    per_class = None
-    if class_names:
-        listed = row.get("dice_per_class")
-        if isinstance(listed, (list, tuple)) and len(listed) == len(class_names):
-            per_class = {n: float(v) for n, v in zip(class_names, listed)}
-        elif all(row.get(f"dice_{_slug(n)}") is not None for n in class_names):
-            per_class = {n: float(row[f"dice_{_slug(n)}"]) for n in class_names}
-    return {
-        "dice": min(1.0, max(0.0, float(row["dice_mean"]))),
-        "hd95": _float(row.get("hd95_mean")),
-        "nsd": _float(row.get("nsd_mean")),
-        "dice_with_bg": _float(row.get("dice_mean_bg")),
-        "dice_per_class": per_class,
-        "n_cases": int(row.get("n_cases") or 0),
-    }
-
-
-def norm_of(row: Mapping[str, Any]) -> str:
-    """The norm of a row's budget: ``linf``/``l2`` for eps attacks, ``noise`` (sigma), ``frequency`` (VAFA's q_max)."""
-    if row.get("norm"):
-        return str(row["norm"])
-    name = str(row.get("attack_name") or row.get("attack", ""))
-    budget = str(row.get("budget", ""))
-    if "attack.sigma" in row or name == "gn":
-        return "noise"
-    if "attack.q_max" in row or budget.startswith("q_max") or name.startswith("vafa"):
-        return "frequency"
-    if row.get("eps") is not None:
-        return "l2" if "l2" in name else "linf"
-    return _preset_norm(str(row.get("attack", "")))
-
-
-def _preset_norm(preset: str) -> str:
-    """Norm of a ``conf/attack`` preset read from its fields (rows of older evaluations carry only the name)."""
-    from robustseg.config import CONF_DIR
-
-    path = CONF_DIR / "attack" / f"{preset}.yaml"
-    if not path.is_file():
-        return "unknown"
-    fields = OmegaConf.load(path)
-    if "eps" in fields:
-        return "l2" if "l2" in str(fields.get("name", preset)) else "linf"
-    return "noise" if "sigma" in fields else "frequency" if "q_max" in fields else "unknown"
-
-
-def _kind(row: Mapping[str, Any]) -> str:
-    return "white-box" if row["source"] == row["target"] else "transfer"
-
-
-def _counts(text: Any) -> dict[str, int]:
-    """``"pgd@8/255: 2, fgsm@8/255: 1"`` -> ``{"pgd": 2, "fgsm": 1}`` (the budget is the threat model's)."""
-    out: dict[str, int] = {}
-    for name, count in _COUNT.findall(str(text or "")):
-        attack = name.strip().rsplit("@", 1)[0]
-        out[attack] = out.get(attack, 0) + int(count)
-    return out
-
-
-def threat_models(
-    rows: Sequence[Mapping[str, Any]], target: str, class_names: Sequence[str] | None
-) -> list[dict[str, Any]]:
-    """Every threat model ``target`` was evaluated under, from the summary rows (see the module docstring)."""
-    mine = [r for r in rows if r["target"] == target and r["attack"] != CLEAN and str(r["budget"]) != "all"]
-    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
-    for r in mine:
-        groups.setdefault((_kind(r), str(r["source"]), str(r["budget"])), []).append(r)
-    out = []
-    for (kind, source, budget), group in groups.items():
-        attacks = [r for r in group if not str(r["attack"]).startswith(WORST)]
-        if not attacks:
-            continue
-        worst_row = next((r for r in group if r["attack"] == WORST), None)
-        norm = norm_of(attacks[0])
-        results = [{"attack": str(r["attack"]), "metrics": metrics_of(r, class_names)} for r in attacks]
-        if worst_row is not None:
-            counts = _counts(worst_row.get("worst_dice_attacks") or worst_row.get("worst_attacks"))
-            reliable = any(str(r.get("group") or "") == RELIABLE_GROUP for r in attacks)
-            worst = {
-                "metrics": metrics_of(worst_row, class_names),
-                "attacks": counts,
-                "suite": "reliable" if reliable else "standard",
-            }
-            robust = worst["metrics"]["dice"]
-            worst_attack = max(counts, key=lambda a: (counts[a], a)) if counts else "?"
-        else:
-            worst = None
-            weakest = min(results, key=lambda a: a["metrics"]["dice"])
-            robust, worst_attack = weakest["metrics"]["dice"], weakest["attack"]
-        prefix = "white-box" if kind == "white-box" else f"transfer from {source}"
-        out.append(
-            {
-                "id": f"{prefix} {norm} {budget}",
-                "kind": kind,
-                "source": None if kind == "white-box" else source,
-                "norm": norm,
-                "budget": budget,
-                "eps": _float(attacks[0].get("eps")),
-                "attacks": results,
-                "worst": worst,
-                "robust_dice": robust,
-                "worst_attack": worst_attack,
-            }
-        )
-    return sorted(out, key=lambda t: (t["kind"] != "white-box", t["source"] or "", t["norm"], t["eps"] or 0.0))
 
 
 def training_of(config: Mapping[str, Any] | None, config_path: str | None) -> dict[str, Any]:
@@ -169,7 +49,7 @@ def training_of(config: Mapping[str, Any] | None, config_path: str | None) -> di
         "adv_mode": adv_mode,
         "data": data.get("name") or (config.get("choices") or {}).get("data"),
         "epochs": int(epochs) if epochs is not None else None,
-        "lr": _float(system.get("lr")),
+        "lr": as_float(system.get("lr")),
         "config": config_path,
     }
 
@@ -188,17 +68,43 @@ def preprocessing_of(config: Mapping[str, Any] | None, roi_size: Sequence[int]) 
     }
 
 
+def _get(model: Any, *names: str) -> Any:
+    """A model's field by the first name it has: a LoadedModel attribute or a key of the report's model dict."""
+    for name in names:
+        value = model.get(name) if isinstance(model, Mapping) else getattr(model, name, None)
+        if value is not None:
+            return value
+    return None
+
+
 def run_config(model: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """(the training config, its path) of a loaded model: ``<run>/config.yaml``, else the checkpoint's hparams."""
-    run_dir = (getattr(model, "extra", None) or {}).get("run_dir")
+    """(the training config, its path) of a model: ``<run>/config.yaml``, else the config it carries."""
+    run_dir = _get(model, "run_dir") or (_get(model, "extra") or {}).get("run_dir")
     if run_dir and (Path(run_dir) / "config.yaml").is_file():
         path = Path(run_dir) / "config.yaml"
         try:
             return OmegaConf.to_container(OmegaConf.load(path), resolve=True), str(path)  # type: ignore[return-value]
         except Exception:  # an interpolation that cannot resolve here: keep the literal values
             return OmegaConf.to_container(OmegaConf.load(path), resolve=False), str(path)  # type: ignore[return-value]
-    config = (getattr(model, "extra", None) or {}).get("config")
+    config = (_get(model, "extra") or {}).get("config")
     return (dict(config), None) if config else (None, None)
+
+
+def parameter_count(model: Any) -> int | None:
+    """Parameters of the network: counted on a loaded net, else on the ``net.`` weights of its checkpoint file."""
+    net = _get(model, "net")
+    if hasattr(net, "parameters"):
+        return sum(p.numel() for p in net.parameters())
+    path = _get(model, "checkpoint")
+    if not path or not Path(path).is_file() or Path(path).suffix != ".ckpt":
+        return None
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    except Exception:  # a checkpoint torch cannot read safely: the count is optional
+        return None
+    return sum(v.numel() for k, v in state.items() if k.startswith("net.")) or None
 
 
 def flags_for(flags: Sequence[Mapping[str, Any]], label: str, labels: Sequence[str]) -> list[dict[str, Any]]:
@@ -212,18 +118,30 @@ def flags_for(flags: Sequence[Mapping[str, Any]], label: str, labels: Sequence[s
     return out
 
 
-def cost_of(costs: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's network passes (all targets together: ``scope: run``)."""
+def cost_of(costs: Mapping[str, Any], records: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Network passes: this target's (``scope: target``, summed over its records' ``cost``) when records are given,
+    else the whole evaluation's (``scope: run``). A transfer volume's crafting counts with the first target scored
+    on it (the records' convention)."""
+    if records:
+        parts = [r.get("cost") or {} for r in records]
+        return {
+            "scope": "target",
+            "attack_forwards": sum(int(c.get("attack_forwards", 0)) for c in parts),
+            "attack_backwards": sum(int(c.get("attack_backwards", 0)) for c in parts),
+            "score_forwards": sum(int(c.get("score_forwards", 0)) for c in parts),
+            "seconds": round(sum(float(c.get("seconds", 0.0)) for c in parts), 3),
+        }
 
     def count(*keys: str) -> int | None:
         return next((int(costs[k]) for k in keys if costs.get(k) is not None), None)
 
+    seconds = next((costs[k] for k in ("seconds producing the results", "seconds") if costs.get(k) is not None), None)
     return {
         "scope": "run",
         "attack_forwards": count("attack forwards"),
         "attack_backwards": count("attack backwards"),
         "score_forwards": count("scoring forwards"),
-        "seconds": _float(costs.get("seconds")),
+        "seconds": as_float(seconds),
     }
 
 
@@ -235,31 +153,40 @@ def build_card(
     dataset: Mapping[str, Any],
     labels: Sequence[str],
     reports: Mapping[str, str] | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
 ) -> Card:
     """The card of one target.
 
     Args:
-        model: a :class:`~robustseg.evaluation.resolve.LoadedModel` (label, model_name, checkpoint, sha256, net).
+        model: a :class:`~robustseg.evaluation.resolve.LoadedModel`, or the report's model dict (``label``,
+            ``architecture``, ``run_dir``, ``checkpoint``, ``checkpoint_sha256``).
         rows: the evaluation's summary rows (all targets; this model's are picked by label).
         flags: the evaluation's sanity flags as dicts (``name``, ``raised``, ``detail``).
-        costs: the evaluation's stats (``attack forwards``, ``attack backwards``, ``scoring forwards``, ``seconds``).
-        dataset: ``name``, ``split`` of the evaluated data.
+        costs: the evaluation's cost totals (``attack forwards``, ``attack backwards``, ``scoring forwards``, ...).
+        dataset: ``name``, ``split`` and optionally ``class_names`` of the evaluated data.
         labels: every model label of the evaluation (to tell which flags concern this model).
         reports: report name -> path relative to the card.
+        records: the evaluation's per-case records (optional): per-target and per-threat-model passes.
 
     Raises:
         CardError: the assembled card does not validate (a bug or a row without Dice), naming the field.
     """
-    label = model.label
+    label = str(_get(model, "label"))
     clean = next((r for r in rows if r["target"] == label and r["attack"] == CLEAN), None)
     if clean is None:
         raise ValueError(f"no clean row for target {label!r} in the summary: cannot write its card")
-    class_names = list(model.class_names) if getattr(model, "class_names", None) else None
     config, config_path = run_config(model)
+    names = (
+        _get(model, "class_names")
+        or dataset.get("class_names")
+        or ((config or {}).get("data") or {}).get("class_names")
+    )
+    class_names = [str(n) for n in names] if names else None
+    own_records = [r for r in records or () if r.get("target") == label and r.get("attack") != CLEAN]
     own_flags = flags_for(flags, label, labels)
     raised = [f for f in own_flags if f["raised"]]
     choices = (config or {}).get("choices") or {}
-    net = getattr(model, "net", None)
+    roi = _get(model, "roi_size") or ((config or {}).get("data") or {}).get("roi_size") or []
     card = {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -272,17 +199,17 @@ def build_card(
         },
         "model": {
             "label": label,
-            "architecture": str(model.model_name),
+            "architecture": str(_get(model, "model_name", "architecture")),
             "preset": choices.get("model"),
-            "parameters": sum(p.numel() for p in net.parameters()) if hasattr(net, "parameters") else None,
-            "checkpoint": str(model.checkpoint),
-            "checkpoint_sha256": str(model.checkpoint_sha256),
+            "parameters": parameter_count(model),
+            "checkpoint": str(_get(model, "checkpoint")),
+            "checkpoint_sha256": str(_get(model, "checkpoint_sha256")),
         },
         "training": training_of(config, config_path),
-        "preprocessing": preprocessing_of(config, model.roi_size),
+        "preprocessing": preprocessing_of(config, roi),
         "clean": metrics_of(clean, class_names),
-        "threat_models": threat_models(rows, label, class_names),
-        "cost": cost_of(costs),
+        "threat_models": threat_models(rows, label, class_names, own_records),
+        "cost": cost_of(costs, own_records if own_records and all("cost" in r for r in own_records) else None),
         "flags": own_flags,
         "unreliable": bool(raised),
         "unreliable_reason": "; ".join(f"{f['name']}: {f['detail']}" for f in raised) or None,
@@ -303,27 +230,30 @@ def write_cards(
     flags: Sequence[Mapping[str, Any]],
     costs: Mapping[str, Any],
     settings: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write ``<out_dir>/cards/<label>.json`` for every target model with a clean row; returns the paths.
+    """Write ``<out_dir>/cards/<label>.json`` for every target model (a model with a clean row); returns the paths.
 
     Args:
         out_dir: the evaluation's output directory (the cards link to its report.md and summary files).
-        rows, flags, costs: the evaluation's summary rows, sanity flags (dicts) and stats.
-        models: the target models (:class:`~robustseg.evaluation.resolve.LoadedModel`); sources that are not
-            targets get no card.
-        settings: the evaluation's settings; ``data`` (``"<name> (<split>, ...)"``) or ``dataset``/``split``
-            name the evaluated data.
+        rows, flags, costs: the evaluation's summary rows, sanity flags (dicts) and cost totals.
+        models: every model of the evaluation (LoadedModel objects or the report's model dicts); a surrogate that
+            is not a target gets no card.
+        settings: the evaluation's settings; ``data`` (``"<name> (<split>, ...)"``) names the evaluated data.
+        records: the per-case records (optional; per-target and per-threat-model costs).
+        class_names: the evaluated data's class names (background first), when the models do not carry them.
     """
     out_dir = Path(out_dir)
-    dataset = dataset_of(settings)
-    labels = [m.label for m in models]
+    dataset = {**dataset_of(settings), "class_names": list(class_names) if class_names else None}
+    labels = [str(_get(m, "label")) for m in models]
     reports = {k: f"../{v}" for k, v in REPORTS.items() if (out_dir / v).exists()}
     paths = []
-    for model in models:
-        if not any(r["target"] == model.label and r["attack"] == CLEAN for r in rows):
+    for model, label in zip(models, labels):
+        if not any(r["target"] == label and r["attack"] == CLEAN for r in rows):
             continue
-        card = build_card(model, rows, flags, costs, dataset, labels, reports)
-        path = out_dir / "cards" / card_filename(model.label)
+        card = build_card(model, rows, flags, costs, dataset, labels, reports, records)
+        path = out_dir / "cards" / card_filename(label)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(card.model_dump_json(indent=1) + "\n")

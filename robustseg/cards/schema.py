@@ -90,6 +90,8 @@ class ThreatModel(_Strict):
     worst: WorstCase | None
     robust_dice: float = Field(ge=0.0, le=1.0)
     worst_attack: str
+    attack_forwards: int | None = None  # passes spent crafting this threat model's volumes (None: not recorded)
+    attack_backwards: int | None = None
 
     @model_validator(mode="after")
     def _source_matches_kind(self) -> ThreatModel:
