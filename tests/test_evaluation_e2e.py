@@ -27,25 +27,39 @@ from robustseg.systems import SegmentationSystem
 SIZE = 16
 
 
-def make_run(runs_root: Path, name: str, model: str, data_root: Path, num_classes: int = 3, seed: int = 0) -> Path:
+def make_run(
+    runs_root: Path,
+    name: str,
+    model: str,
+    data_root: Path,
+    num_classes: int = 3,
+    seed: int = 0,
+    *,
+    model_extra: dict | None = None,
+    config_extra: dict | None = None,
+    data_extra: dict | None = None,
+    ckpt: str = "best",
+) -> Path:
     """A run directory as ``train(cfg)`` leaves it: config.yaml and checkpoints/best.ckpt of a tiny system."""
     torch.manual_seed(seed)
-    model_cfg = {"name": model, "in_channels": 1, "out_channels": num_classes, **TINY[model]}
+    model_cfg = {"name": model, "in_channels": 1, "out_channels": num_classes, **TINY[model], **(model_extra or {})}
     model_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in model_cfg.items()}
     classes = ["background", "organ1", "organ2", "organ3"][:num_classes]
     config = {
         "model": model_cfg,
-        "data": {"name": "synthetic", "root": str(data_root), "num_classes": num_classes},
+        "data": {"name": "synthetic", "root": str(data_root), "num_classes": num_classes, **(data_extra or {})},
         "choices": {"model": model, "data": "synthetic"},
     }
+    for key, value in (config_extra or {}).items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     system = SegmentationSystem(
         model=model_cfg, num_classes=num_classes, class_names=classes, roi_size=[SIZE] * 3, config=config
     )
     run = runs_root / name
-    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    ckpt = {"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}
-    torch.save(ckpt, run / "checkpoints" / "best.ckpt")
+    payload = {"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}
+    torch.save(payload, run / "checkpoints" / f"{ckpt}.ckpt")
     return run
 
 
@@ -58,6 +72,8 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def eval_cfg(root: Path, out: Path, *args: str):
+    attacks = next((a for a in args if a.startswith("attacks=")), "attacks=[fgsm,pgd]")
+    pgd = ["+attack_overrides.pgd.steps=2"] if "pgd" in attacks else []  # overrides must name suite members
     return load_config(
         "evaluate",
         [
@@ -71,7 +87,7 @@ def eval_cfg(root: Path, out: Path, *args: str):
             f"runs_root={root / 'runs'}",
             f"output_dir={out}",
             "attacks=[fgsm,pgd]",
-            "+attack_overrides.pgd.steps=2",
+            *pgd,
             "eps=[2/255,8/255]",
             *args,
         ],

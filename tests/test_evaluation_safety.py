@@ -152,7 +152,8 @@ def test_unicode_case_ids_get_distinct_volume_files(tmp_path):
     assert len(set(paths)) == len(ids)
     assert all(p.name.isascii() for p in paths)
     for i, c in enumerate(ids):
-        store.save(torch.full((1, 2, 2, 2), float(i) / 10), torch.eye(4).numpy(), {"case_id": c}, ("unet", "pgd", "4/255", c))
+        volume = torch.full((1, 2, 2, 2), float(i) / 10)
+        store.save(volume, torch.eye(4).numpy(), {"case_id": c}, ("unet", "pgd", "4/255", c))
     for i, c in enumerate(ids):
         volume, _ = store.load(("unet", "pgd", "4/255", c), {"case_id": c})
         assert float(volume.mean()) == pytest.approx(i / 10)

@@ -154,7 +154,8 @@ def unique_labels(models: Sequence[Any]) -> list[str]:
     """Make the labels of different checkpoints distinct, in place; returns lines describing the renames.
 
     Models with the same checkpoint sha256 are one model and keep one label. Different checkpoints sharing a
-    label get a suffix that tells them apart: the checkpoint file (``@last``), the run directory, or the sha256.
+    label get a suffix that tells them apart: the checkpoint file (``@last``), the run directory, the folder
+    holding the run directory, or the sha256.
     """
     by_label: dict[str, list[Any]] = defaultdict(list)
     seen: dict[str, Any] = {}
@@ -169,6 +170,7 @@ def unique_labels(models: Sequence[Any]) -> list[str]:
         for attempt in (
             lambda m: Path(m.checkpoint).stem,
             lambda m: Path(getattr(m, "run_dir", None) or Path(m.checkpoint).parent).name,
+            lambda m: Path(getattr(m, "run_dir", None) or Path(m.checkpoint).parent).parent.name,
             lambda m: m.checkpoint_sha256[:8],
         ):
             suffixes = [attempt(m) for m in group]
