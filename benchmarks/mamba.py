@@ -1,17 +1,27 @@
-"""Selective scan: parallel (chunked) over sequential loop, side by side in one run; prints JSON.
+"""U-Mamba at the paper plan and the selective scan, measured side by side in one run; prints JSON.
 
 Not a test: run ``python benchmarks/mamba.py`` (``--quick`` for a smoke run whose figures are not the claims).
 
-Figures per sequence length L (512, 4096, 32768):
+``models``: one fresh subprocess per model and size, paper plan (6 stages, 32-320 features, 14 classes, ``img_size``
+= the input, so UMamba-Enc's official channel-token rule applies), parameters frozen, eval mode, pure-PyTorch scan:
 
-* ``forward_speedup`` and ``train_speedup``: sequential time / parallel time for a forward, and for a forward plus
-  the backward to all inputs. Goal: >= 5x at L = 4096. Times are medians of rounds that alternate the two
-  implementations, so machine load hits both alike. The sequential loop at 32768 gets fewer rounds (``--long-reps``).
-* ``peak_rss_mb``: peak resident memory increase of one forward + backward over the post-setup baseline, each
-  in a fresh subprocess (``resource.getrusage`` ru_maxrss).
+* ``bare_pass_seconds``: one bare pass on 2 x 1 x S^3 (``--sizes``, default 64) = forward plus the backward to the
+  input only, as in an attack step; wall time and the process's CPU time, ``--threads`` threads (default 1).
+* ``peak_rss_mb``: the child's peak resident memory (``ru_maxrss``: sees every torch allocation), and
+  ``baseline_rss_mb``: its resident memory just before the pass (interpreter, torch, weights).
+* ``mamba_seconds``: the Mamba layers' share of the pass, timed alone on their own inputs (forward + input
+  backward), to show what bounds the ratio.
+* ``enc_over_bot``: UMamba-Enc over UMamba-Bot for time and peak memory. Goals: both <= 1.5.
 
-Shape: batch 1, d_inner 64, d_state 16: U-Mamba_Enc's first-stage Mamba (d_model 32, expand 2), whose sequence is
-every voxel of the feature map (32768 tokens = a 32^3 window). float32, ``--threads`` intra-op threads.
+``scan``, per sequence length L (512, 4096, 32768): the chunked scan (``selective_scan``) against the sequential
+loop, batch 1, d_inner 64, d_state 16 (U-Mamba_Enc's first-stage Mamba; 32768 tokens = a 32^3 window):
+
+* ``forward_speedup`` and ``train_speedup``: sequential time / chunked time for a forward, and for a forward plus the
+  backward to all inputs. Goal: >= 5x at L = 4096. Medians of rounds that alternate the two, so machine load hits
+  both alike; the sequential loop at 32768 gets ``--long-reps`` rounds.
+* ``peak_rss_mb``: peak resident memory increase of one forward + backward, each in a fresh subprocess.
+* ``chunked_peak_rss_mb_at``: the chunked scan's increase at 4x and 16x the longest L (memory bounded by the chunk:
+  it grows with L only through the (b, d, L) inputs and gradients, not with L x d_state).
 """
 
 from __future__ import annotations
@@ -27,12 +37,91 @@ import time
 
 import torch
 
-from robustseg.models.mamba import selective_scan, selective_scan_sequential
+from robustseg.models import MODELS
+from robustseg.models.selective_scan import selective_scan, selective_scan_sequential
+from robustseg.models.umamba import MambaLayer
 
 D_INNER, D_STATE = 64, 16
-SCANS = {"parallel": selective_scan, "sequential": selective_scan_sequential}
+SCANS = {"chunked": selective_scan, "sequential": selective_scan_sequential}
+MODEL_NAMES = ("umamba_bot", "umamba_enc")
 
 
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB on Linux
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def in_child(args: list[str], threads: int) -> dict:
+    """Run this script with ``args`` in a fresh interpreter; its last stdout line is JSON."""
+    out = subprocess.run(
+        [sys.executable, __file__, *args, "--threads", str(threads)], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------- models
+def bare_pass(net: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Forward + backward to the input only; (wall, CPU) seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    x = x.detach().requires_grad_()
+    torch.autograd.grad(net(x).float().square().mean(), x)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def model_child(name: str, size: int) -> None:
+    """In a fresh process: one bare pass of the paper-plan model on 2 x 1 x size^3; prints JSON."""
+    net = MODELS.build({"name": name, "in_channels": 1, "out_channels": 14, "img_size": (size,) * 3, "scan": "chunked"})
+    net.eval().requires_grad_(False)
+    layers: list[tuple[MambaLayer, torch.Tensor]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp: layers.append((mod, inp[0].detach())))
+        for m in net.modules()
+        if isinstance(m, MambaLayer)
+    ]
+    x = torch.rand(2, 1, size, size, size, generator=torch.Generator().manual_seed(0))
+    baseline = rss_mb()
+    wall, cpu = bare_pass(net, x)
+    peak = peak_mb()
+    for h in hooks:
+        h.remove()
+    mamba_wall = mamba_cpu = 0.0
+    for layer, inp in layers:  # the Mamba layers alone, on the inputs they saw
+        w, c = bare_pass(layer, inp)
+        mamba_wall, mamba_cpu = mamba_wall + w, mamba_cpu + c
+    report = {
+        "bare_pass_seconds": {"wall": round(wall, 2), "cpu": round(cpu, 2)},
+        "mamba_seconds": {"wall": round(mamba_wall, 2), "cpu": round(mamba_cpu, 2)},
+        "mamba_tokens": [tuple(inp.shape) for _, inp in layers],
+        "peak_rss_mb": round(peak),
+        "baseline_rss_mb": round(baseline),
+    }
+    print(json.dumps(report))
+
+
+def measure_models(sizes: list[int], threads: int) -> list[dict]:
+    results = []
+    for size in sizes:
+        entry: dict[str, object] = {"input": [2, 1, size, size, size]}
+        for name in MODEL_NAMES:
+            entry[name] = in_child(["--child-model", name, str(size)], threads)
+        bot, enc = entry["umamba_bot"], entry["umamba_enc"]
+        entry["enc_over_bot"] = {
+            "bare_pass_wall": round(enc["bare_pass_seconds"]["wall"] / bot["bare_pass_seconds"]["wall"], 2),
+            "bare_pass_cpu": round(enc["bare_pass_seconds"]["cpu"] / bot["bare_pass_seconds"]["cpu"], 2),
+            "peak_rss": round(enc["peak_rss_mb"] / bot["peak_rss_mb"], 2),
+            "peak_rss_above_baseline": round(
+                (enc["peak_rss_mb"] - enc["baseline_rss_mb"]) / (bot["peak_rss_mb"] - bot["baseline_rss_mb"]), 2
+            ),
+        }
+        results.append(entry)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- scan
 def inputs(length: int, grad: bool) -> dict[str, torch.Tensor]:
     """Random scan arguments (selective_scan_fn layout) with a realistic dt range (softplus of N(-3, 1))."""
     g = torch.Generator().manual_seed(0)
@@ -56,69 +145,76 @@ def run_once(name: str, args: dict[str, torch.Tensor], backward: bool) -> float:
     return time.perf_counter() - start
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def child(name: str, length: int) -> None:
+def scan_child(name: str, length: int) -> None:
     """In a fresh process: peak RSS increase (MB) of one forward + backward; printed as JSON."""
     args = inputs(length, grad=True)
     run_once(name, inputs(64, grad=True), backward=True)  # warm up allocator and kernels on a tiny problem
     base = rss_mb()
     run_once(name, args, backward=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB on Linux
-    print(json.dumps({"peak_rss_increase_mb": round(peak - base, 1)}))
+    print(json.dumps({"peak_rss_increase_mb": round(peak_mb() - base, 1)}))
 
 
-def peak_rss(name: str, length: int, threads: int) -> float:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", name, str(length), "--threads", str(threads)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_increase_mb"]
-
-
-def measure(length: int, reps: int, long_reps: int, threads: int) -> dict[str, object]:
+def measure_scan(length: int, reps: int, long_reps: int, threads: int) -> dict[str, object]:
     seq_reps = long_reps if length > 8192 else reps
-    result: dict[str, object] = {"length": length, "rounds": {"parallel": reps, "sequential": seq_reps}}
+    result: dict[str, object] = {"length": length, "rounds": {"chunked": reps, "sequential": seq_reps}}
     for backward, key in ((False, "forward"), (True, "train")):
         args = inputs(length, grad=backward)
-        times: dict[str, list[float]] = {"parallel": [], "sequential": []}
+        times: dict[str, list[float]] = {"chunked": [], "sequential": []}
         for r in range(max(reps, seq_reps)):  # alternate, so load drifts hit both
             for name in SCANS:
                 if r < (seq_reps if name == "sequential" else reps):
                     times[name].append(run_once(name, args, backward))
-        par, seq = statistics.median(times["parallel"]), statistics.median(times["sequential"])
-        result[f"{key}_seconds"] = {"parallel": round(par, 5), "sequential": round(seq, 5)}
+        par, seq = statistics.median(times["chunked"]), statistics.median(times["sequential"])
+        result[f"{key}_seconds"] = {"chunked": round(par, 5), "sequential": round(seq, 5)}
         result[f"{key}_speedup"] = round(seq / par, 2)
-    result["peak_rss_mb"] = {name: peak_rss(name, length, threads) for name in SCANS}
+    result["peak_rss_mb"] = {
+        name: in_child(["--child-scan", name, str(length)], threads)["peak_rss_increase_mb"] for name in SCANS
+    }
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small lengths, 2 rounds: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: a smoke run")
+    parser.add_argument("--sizes", default="64", help="model input sides, comma-separated (96 needs ~30 GB)")
+    parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument("--skip-scan", action="store_true")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--long-reps", type=int, default=1, help="rounds of the sequential loop at L > 8192")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    parser.add_argument("--child", nargs=2, metavar=("SCAN", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-scan", nargs=2, metavar=("SCAN", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-model", nargs=2, metavar=("NAME", "SIZE"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
-    if opts.child:
-        child(opts.child[0], int(opts.child[1]))
+    if opts.child_scan:
+        scan_child(opts.child_scan[0], int(opts.child_scan[1]))
+        return
+    if opts.child_model:
+        model_child(opts.child_model[0], int(opts.child_model[1]))
         return
     lengths = [128, 512] if opts.quick else [512, 4096, 32768]
+    sizes = [32] if opts.quick else [int(s) for s in opts.sizes.split(",")]
     reps, long_reps = (2, 1) if opts.quick else (opts.reps, opts.long_reps)
-    report = {
-        "shape": {"batch": 1, "d_inner": D_INNER, "d_state": D_STATE, "dtype": "float32"},
+    report: dict[str, object] = {
         "threads": opts.threads,
         "torch": torch.__version__,
         "load_average_at_start": os.getloadavg(),
-        "results": [measure(length, reps, long_reps, opts.threads) for length in lengths],
-        "load_average_at_end": os.getloadavg(),
     }
+    if not opts.skip_models:
+        report["models"] = measure_models(sizes, opts.threads)
+    if not opts.skip_scan:
+        report["scan"] = {
+            "shape": {"batch": 1, "d_inner": D_INNER, "d_state": D_STATE, "dtype": "float32"},
+            "results": [measure_scan(length, reps, long_reps, opts.threads) for length in lengths],
+            "chunked_peak_rss_mb_at": {
+                str(k * lengths[-1]): in_child(["--child-scan", "chunked", str(k * lengths[-1])], opts.threads)[
+                    "peak_rss_increase_mb"
+                ]
+                for k in (4, 16)
+            },
+        }
+    report["load_average_at_end"] = os.getloadavg()
     text = json.dumps(report, indent=2)
     print(text)
     if opts.out:

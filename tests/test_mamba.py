@@ -1,4 +1,5 @@
-"""The pure-PyTorch selective scan and Mamba layer against references (Gu & Dao, 2023)."""
+"""The Mamba layer against an independent forward, and its scan choice (Gu & Dao, 2023); the scan itself is
+tested in tests/test_selective_scan.py."""
 
 from __future__ import annotations
 
@@ -7,82 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_selective_scan import naive_scan, scan_inputs
 
 from robustseg.models import mamba as mamba_mod
-from robustseg.models.mamba import Mamba, linear_scan, selective_scan, selective_scan_sequential
-
-
-def scan_inputs(b: int, d: int, n: int, length: int, seed: int = 0, dt_scale: float = 1.0, dtype=torch.float64):
-    """Random selective-scan arguments in ``selective_scan_fn`` layout, all requiring grad."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g, dtype=dtype)).requires_grad_()
-
-    A = (-torch.rand(d, n, generator=g, dtype=dtype) * 16 - 0.01).requires_grad_()  # (d, n), negative
-    return {
-        "u": rand(b, d, length),
-        "delta": rand(b, d, length, scale=dt_scale),
-        "A": A,
-        "B": rand(b, n, length),
-        "C": rand(b, n, length),
-        "D": rand(d),
-        "z": rand(b, d, length),
-        "delta_bias": rand(d),
-    }
-
-
-def naive_scan(u, delta, A, B, C, D, z, delta_bias):
-    """The recurrence written out with explicit indices: independent of the library's helpers."""
-    delta = F.softplus(delta + delta_bias[None, :, None])
-    b, d, length = u.shape
-    h = u.new_zeros(b, d, A.shape[1])
-    ys = []
-    for t in range(length):
-        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
-        ys.append((h * C[:, None, :, t]).sum(-1) + D * u[:, :, t])
-    return torch.stack(ys, dim=-1) * F.silu(z)
-
-
-@pytest.mark.parametrize(
-    ("length", "chunk_size", "dt_scale"),
-    [(1, 4, 1.0), (37, 4, 1.0), (64, 8, 1.0), (300, 16, 1.0), (2000, 8, 1.0), (200, 8, 30.0), (200, 8, 1e-3)],
-    ids=["len1", "ragged", "exact-chunks", "two-levels", "long-three-levels", "extreme-dt-large", "extreme-dt-small"],
-)
-def test_parallel_scan_matches_sequential_values_and_gradients(length, chunk_size, dt_scale):
-    args = scan_inputs(2, 5, 3, length, seed=length, dt_scale=dt_scale)
-    y_par = selective_scan(**args, delta_softplus=True, chunk_size=chunk_size)
-    y_seq = selective_scan_sequential(**args, delta_softplus=True)
-    torch.testing.assert_close(y_par, y_seq, rtol=1e-9, atol=1e-9)
-    assert torch.isfinite(y_par).all()
-
-    weight = torch.randn(y_par.shape, generator=torch.Generator().manual_seed(1), dtype=y_par.dtype)
-    grads_par = torch.autograd.grad((y_par * weight).sum(), list(args.values()))
-    grads_seq = torch.autograd.grad((y_seq * weight).sum(), list(args.values()))
-    for name, gp, gs in zip(args, grads_par, grads_seq):
-        assert torch.isfinite(gp).all(), name
-        torch.testing.assert_close(gp, gs, rtol=1e-8, atol=1e-8, msg=lambda m, name=name: f"grad {name}: {m}")
-
-
-def test_sequential_reference_matches_the_written_out_recurrence():
-    args = scan_inputs(2, 4, 3, 25, seed=3)
-    torch.testing.assert_close(selective_scan_sequential(**args, delta_softplus=True), naive_scan(**args))
-
-
-def test_float32_long_sequence_extreme_decay_is_finite_and_close():
-    """No overflow: a huge log decay (delta * A ~ -500 per step) over 4096 steps in float32."""
-    args = scan_inputs(1, 4, 4, 4096, seed=5, dt_scale=40.0, dtype=torch.float32)
-    with torch.no_grad():
-        y_par = selective_scan(**args, delta_softplus=True)
-        y_seq = selective_scan_sequential(**args, delta_softplus=True)
-    assert torch.isfinite(y_par).all()
-    torch.testing.assert_close(y_par, y_seq, rtol=1e-4, atol=1e-4)
-
-
-def test_linear_scan_zero_decay_and_unit_decay():
-    drive = torch.randn(100, 3, dtype=torch.float64)
-    torch.testing.assert_close(linear_scan(torch.zeros_like(drive), drive, 8), drive)  # forgets at once
-    torch.testing.assert_close(linear_scan(torch.ones_like(drive), drive, 8), drive.cumsum(0))  # pure sum
+from robustseg.models.mamba import Mamba, selective_scan
 
 
 def reference_mamba_forward(m: Mamba, x: torch.Tensor) -> torch.Tensor:
@@ -103,11 +32,18 @@ def reference_mamba_forward(m: Mamba, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scan", ["chunked", "sequential"])
-def test_mamba_layer_matches_reference_forward(scan):
+def test_mamba_layer_matches_reference_forward_and_gradients(scan):
     torch.manual_seed(0)
     m = Mamba(d_model=12, d_state=4, d_conv=4, expand=2, scan=scan, chunk_size=8).double()
-    x = torch.randn(2, 45, 12, dtype=torch.float64)
-    torch.testing.assert_close(m(x), reference_mamba_forward(m, x))
+    x = torch.randn(2, 45, 12, dtype=torch.float64, requires_grad=True)
+    y, y_ref = m(x), reference_mamba_forward(m, x)
+    torch.testing.assert_close(y, y_ref)
+    weight = torch.randn_like(y)
+    params = [x, *m.parameters()]
+    for got, ref in zip(
+        torch.autograd.grad((y * weight).sum(), params), torch.autograd.grad((y_ref * weight).sum(), params)
+    ):
+        torch.testing.assert_close(got, ref)
 
 
 def test_mamba_is_causal():
@@ -159,9 +95,19 @@ def test_fused_scan_refused_without_kernels_or_cuda():
         m(torch.randn(1, 5, 8))
 
 
-def test_bad_scan_name_is_rejected():
+def test_bad_scan_name_and_chunk_size_are_rejected():
     with pytest.raises(ValueError, match="scan"):
         Mamba(8, scan="magic")
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        Mamba(8, chunk_size=0)
+
+
+def test_auto_picks_the_pure_scan_without_kernels_or_cuda(monkeypatch):
+    m = Mamba(8)
+    assert m._scan_kind(torch.zeros(1)) == "chunked"  # CPU input: pure PyTorch even with kernels installed
+    monkeypatch.setattr(mamba_mod, "selective_scan_fn", None)
+    assert not mamba_mod.fused_available()
+    assert m._scan_kind(torch.zeros(1)) == "chunked"
 
 
 @pytest.mark.gpu

@@ -1,26 +1,18 @@
-"""Mamba (selective state-space) layer with a pure-PyTorch parallel selective scan.
+"""Mamba (selective state-space) layer that runs on any device, with the fused CUDA kernels when present.
 
 Mamba: Gu & Dao, "Linear-Time Sequence Modeling with Selective State Spaces", arXiv 2312.00752. The layer keeps
 the reference implementation's parameter names and initialisation (``in_proj``, ``conv1d``, ``x_proj``,
 ``dt_proj``, ``A_log``, ``D``, ``out_proj``), so a ``mamba_ssm.Mamba`` state dict loads here and back.
 
-The selective scan is the recurrence, per batch ``b``, channel ``d`` and state ``n``::
+The selective scan runs one of these ways, chosen per call by ``Mamba.scan``:
 
-    h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t          y_t = <C_t, h_t> + D u_t
-
-It runs three ways, chosen per call by ``Mamba.scan``:
-
-* ``"chunked"`` (default without CUDA kernels): :func:`selective_scan`, parallel over the sequence. The sequence
-  is cut into chunks of ``chunk_size``; a first pass scans all chunks at once from a zero state (a loop over the
-  ``chunk_size`` positions, each step vectorised over every chunk); the chunk-end states are combined by the
-  chunk-level recurrence (a whole chunk decays by ``exp(A * sum(delta))``, a cumulative sum of log decay) through
-  :func:`linear_scan`, recursively over the much shorter sequence of chunks; a second pass rescans every chunk
-  from its true initial state and reads ``<C_t, h_t>`` out as it goes. Every decay is ``exp`` of a non-positive
-  number, so nothing can overflow; the work is O(L) like the loop. A segment-sum (attention-like) form would cost
-  ``chunk_size`` times more here, because Mamba-1's decay differs per channel and per state.
-* ``"sequential"``: :func:`selective_scan_sequential`, a Python loop over time; the reference for tests.
+* ``"chunked"`` (``"auto"`` without CUDA kernels): :func:`~robustseg.models.selective_scan.selective_scan`, pure
+  PyTorch on any device, memory bounded by ``chunk_size`` positions whatever the sequence length (chunk after
+  chunk, a parallel scan inside each, a backward that recomputes each chunk's states: the fused kernel's strategy).
+* ``"sequential"``: :func:`~robustseg.models.selective_scan.selective_scan_sequential`, a Python loop over time;
+  the reference for tests.
 * ``"fused"``: ``mamba_ssm``'s CUDA kernels (``mamba_inner_fn`` when ``causal_conv1d`` is also installed, else
-  ``selective_scan_fn``), used by ``"auto"`` when the package imports and the input is on CUDA.
+  ``selective_scan_fn``); ``"auto"`` picks it when the package imports and the input is on CUDA.
 """
 
 from __future__ import annotations
@@ -31,6 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from robustseg.models.selective_scan import selective_scan, selective_scan_sequential
+
+__all__ = ["SCANS", "Mamba", "fused_available", "selective_scan", "selective_scan_sequential"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,169 +39,13 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     causal_conv1d_fn = None
 
-SCANS = ("auto", "chunked", "sequential", "fused")
+PURE_SCANS = {"chunked": selective_scan, "sequential": selective_scan_sequential}  # name -> scan, any device
+SCANS = ("auto", "fused", *PURE_SCANS)
 
 
 def fused_available() -> bool:
     """True when ``mamba_ssm``'s selective-scan kernel imported (it still needs CUDA inputs)."""
     return selective_scan_fn is not None
-
-
-def _prepare(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, delta_bias: Tensor | None, delta_softplus: bool
-) -> tuple[Tensor, Tensor]:
-    """Discretise, time first: log decay ``delta A`` and drive ``delta B u``, both (l, b, d, n)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    delta_t = delta.permute(2, 0, 1)  # (l, b, d)
-    log_decay = delta_t[..., None] * A  # (l, b, d, n), <= 0 for A < 0
-    drive = (delta_t * u.permute(2, 0, 1))[..., None] * B.permute(2, 0, 1)[:, :, None, :]  # (l, b, d, n)
-    return log_decay, drive
-
-
-def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
-    """From ``<C_t, h_t>`` (b, d, l): add ``D u``, gate by ``silu(z)``; returns (b, d, l)."""
-    if D is not None:
-        y = y + D[None, :, None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y
-
-
-def selective_scan_sequential(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-) -> Tensor:
-    """Reference selective scan: a Python loop over time (same signature as ``mamba_ssm``'s ``selective_scan_fn``).
-
-    Args:
-        u: input (b, d, l).
-        delta: step sizes before bias/softplus (b, d, l).
-        A: state matrix diagonal (d, n), negative.
-        B: input projection (b, n, l).
-        C: output projection (b, n, l).
-        D: skip weight (d,).
-        z: gate (b, d, l); the output is multiplied by ``silu(z)``.
-        delta_bias: added to ``delta`` (d,).
-        delta_softplus: apply softplus to ``delta`` (after the bias).
-
-    Returns:
-        y (b, d, l).
-    """
-    log_decay, drive = _prepare(u, delta, A, B, delta_bias, delta_softplus)
-    h = torch.zeros_like(drive[0])  # (b, d, n)
-    ys = []
-    for log_decay_t, drive_t, c_t in zip(log_decay.unbind(0), drive.unbind(0), C.unbind(2)):  # unbind: O(l) backward
-        h = torch.exp(log_decay_t) * h + drive_t  # (b, d, n)
-        ys.append((h * c_t[:, None, :]).sum(-1))  # (b, d)
-    return _finish(torch.stack(ys, dim=-1), u, D, z)
-
-
-def linear_scan(decay: Tensor, drive: Tensor, chunk_size: int = 32) -> Tensor:
-    """All states of ``h_t = decay_t h_{t-1} + drive_t`` (``h_0 = 0``) along dim 0, chunked and recursive.
-
-    Args:
-        decay: (l, ...) in [0, 1] (``exp`` of a non-positive log decay): every product of them stays in [0, 1].
-        drive: (l, ...), same shape.
-        chunk_size: positions scanned one after another inside a chunk; all chunks run at once.
-
-    Returns:
-        states h (l, ...).
-    """
-    length, *rest = drive.shape
-    if length <= chunk_size:
-        return _loop_scan(decay, drive)[0]
-    chunks = math.ceil(length / chunk_size)
-    pad = chunks * chunk_size - length
-    if pad:  # padded steps come after the data: they cannot change any real state
-        decay = torch.cat([decay, decay.new_ones(pad, *rest)])
-        drive = torch.cat([drive, drive.new_zeros(pad, *rest)])
-    decay = decay.reshape(chunks, chunk_size, *rest)  # (c, T, ...)
-    drive = drive.reshape(chunks, chunk_size, *rest)  # (c, T, ...)
-
-    # All chunks at once: states from a zero start, and each position's decay since its chunk start.
-    local, decay_since_start = _loop_scan(decay, drive, dim=1)  # (c, T, ...) each
-    # The true state at each chunk's end obeys the same recurrence, one step per chunk: recurse over chunks.
-    ends = linear_scan(decay_since_start[:, -1], local[:, -1], chunk_size)  # (c, ...)
-    carry_in = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])  # state entering each chunk (c, ...)
-    states = torch.addcmul(local, decay_since_start, carry_in[:, None])  # (c, T, ...)
-    return states.reshape(chunks * chunk_size, *rest)[:length]  # (l, ...)
-
-
-def _loop_scan(decay: Tensor, drive: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
-    """Loop along the (short) ``dim``, all else vectorised: states ``h_t = decay_t h_{t-1} + drive_t`` from
-    ``h_0 = 0`` and the running products ``decay_1 ... decay_t``; both shaped like ``drive``."""
-    h = torch.zeros_like(drive.select(dim, 0))
-    product = torch.ones_like(h)
-    states, products = [], []
-    for decay_t, drive_t in zip(decay.unbind(dim), drive.unbind(dim)):
-        h = torch.addcmul(drive_t, decay_t, h)
-        product = product * decay_t
-        states.append(h)
-        products.append(product)
-    return torch.stack(states, dim=dim), torch.stack(products, dim=dim)
-
-
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    chunk_size: int = 32,
-) -> Tensor:
-    """Parallel selective scan in pure PyTorch; arguments and result as :func:`selective_scan_sequential`.
-
-    Two passes over chunks of ``chunk_size`` positions, each a loop over the positions of a chunk vectorised over
-    all chunks: the first finds every chunk's end state from a zero start; the chunk-level recurrence (decay of a
-    whole chunk ``exp(A sum(delta))``, from the small (c, b, d) sums of ``delta``) gives each chunk's true initial
-    state through :func:`linear_scan`; the second pass rescans from those states and reads ``<C_t, h_t>`` out as
-    it goes, so no (l, b, d, n) state tensor is stacked.
-    """
-    if delta_bias is not None:
-        delta = delta + delta_bias[None, :, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    bs, d, length = u.shape
-    chunks = math.ceil(length / chunk_size)
-    pad = chunks * chunk_size - length  # padded steps come last, with delta = 0 and u = 0: no real state changes
-
-    def by_position(x: Tensor) -> Tensor:
-        """(b, k, l) -> (T, c, b, k): position in the chunk first, so every loop step reads contiguous memory."""
-        x = F.pad(x, (0, pad)).reshape(bs, x.shape[1], chunks, chunk_size)  # (b, k, c, T)
-        return x.permute(3, 2, 0, 1).contiguous()  # (T, c, b, k); small (no state dim) so the copy is cheap
-
-    delta_p = by_position(delta)  # (T, c, b, d)
-    decay = torch.exp(delta_p[..., None] * A)  # (T, c, b, d, n), in [0, 1]
-    drive = (delta_p * by_position(u))[..., None] * by_position(B)[:, :, :, None, :]  # delta B u (T, c, b, d, n)
-    steps = list(zip(decay.unbind(0), drive.unbind(0)))  # per position in the chunk: (c, b, d, n) each
-
-    h = torch.zeros_like(drive[0])  # (c, b, d, n)
-    if chunks > 1:
-        for decay_s, drive_s in steps:  # pass 1: chunk-end states from a zero start
-            h = torch.addcmul(drive_s, decay_s, h)
-        chunk_decay = torch.exp(delta_p.sum(0)[..., None] * A)  # a whole chunk's decay (c, b, d, n)
-        ends = linear_scan(chunk_decay, h, chunk_size)  # true state at each chunk's end (c, b, d, n)
-        h = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])  # state entering each chunk (c, b, d, n)
-    ys = []
-    for (decay_s, drive_s), c_s in zip(steps, by_position(C)[:, :, :, None, :].unbind(0)):  # pass 2: read out
-        h = torch.addcmul(drive_s, decay_s, h)
-        ys.append((h * c_s).sum(-1))  # (c, b, d)
-    y = torch.stack(ys).permute(2, 3, 1, 0).reshape(bs, d, chunks * chunk_size)[..., :length]  # (b, d, l)
-    return _finish(y, u, D, z)
 
 
 class Mamba(nn.Module):
@@ -227,7 +67,8 @@ class Mamba(nn.Module):
         bias: bias of ``in_proj`` and ``out_proj``.
         scan: ``"auto"`` (fused kernels on CUDA when ``mamba_ssm`` imports, else chunked), ``"chunked"``,
             ``"sequential"`` or ``"fused"``.
-        chunk_size: chunk length of the parallel scan.
+        chunk_size: positions the chunked scan holds in memory at once; its memory is a few
+            (chunk_size, batch, d_inner, d_state) tensors whatever the sequence length.
     """
 
     def __init__(
@@ -245,11 +86,13 @@ class Mamba(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         scan: str = "auto",
-        chunk_size: int = 32,
+        chunk_size: int = 2048,
     ) -> None:
         super().__init__()
         if scan not in SCANS:
             raise ValueError(f"Mamba: scan={scan!r}; expected one of {SCANS}")
+        if chunk_size < 1:
+            raise ValueError(f"Mamba: chunk_size={chunk_size}; expected a positive number of positions")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"Mamba: dt_init={dt_init!r}; expected 'random' or 'constant'")
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
@@ -311,8 +154,8 @@ class Mamba(nn.Module):
         args = (x, dt, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), True)
         if kind == "fused":  # pragma: no cover - needs CUDA kernels
             y = selective_scan_fn(*args)
-        elif kind == "sequential":
-            y = selective_scan_sequential(*args)
-        else:
+        elif kind == "chunked":
             y = selective_scan(*args, chunk_size=self.chunk_size)
+        else:
+            y = PURE_SCANS[kind](*args)
         return self.out_proj(y.transpose(1, 2))  # (b, l, d_model)

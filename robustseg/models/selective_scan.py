@@ -1,0 +1,290 @@
+"""Mamba's selective scan in pure PyTorch, with memory bounded by a chunk of the sequence (any device).
+
+The selective scan (Gu & Dao, "Linear-Time Sequence Modeling with Selective State Spaces", arXiv 2312.00752) is,
+per batch ``b``, channel ``d`` and state ``n``::
+
+    h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t          y_t = <C_t, h_t> + D u_t   (then * silu(z_t))
+
+:func:`selective_scan` follows the fused CUDA kernel's strategy (``mamba_ssm``, ``selective_scan_fwd_kernel`` /
+``selective_scan_bwd_kernel``): the sequence is processed chunk after chunk (``chunk_size`` positions, 2048 as the
+kernel's), carrying one (b, d, n) state from chunk to chunk; inside a chunk the states come from a parallel scan; the
+forward keeps no state tensor, only the state entering each chunk, and the backward recomputes each chunk's states
+from it, in reverse chunk order, next to the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``.
+Memory is therefore a few (chunk, b, d, n) tensors whatever the sequence length; work is O(L) as the loop's.
+
+Inside a chunk (:func:`_chunk_states`): the chunk is cut into sub-chunks of ``sub_chunk`` positions laid out
+position-major, (T, c, ...); a loop over the T positions, each step vectorised over all c sub-chunks, finds every
+sub-chunk's end state from zero; a short loop over the sub-chunks (each decays by ``exp(A * sum delta)``) gives each
+one's true initial state; a second loop writes every state in place. Every exponent is ``delta A <= 0``, so nothing
+overflows at any length or step size (a cumulative-sum form ``exp(S_t - S_s)`` would, through ``exp(-S_s)``).
+
+:func:`selective_scan_sequential` is the plain loop over time with autograd: the reference of the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SUB_CHUNK = 32
+
+
+def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    if delta_bias is not None:
+        delta = delta + delta_bias[None, :, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """From ``<C_t, h_t>`` (b, d, l): add ``D u``, gate by ``silu(z)``; returns (b, d, l)."""
+    if D is not None:
+        y = y + D[None, :, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
+    b, d, length = u.shape
+    n = A.shape[-1]
+    expected = {"delta": (b, d, length), "A": (d, n), "B": (b, n, length), "C": (b, n, length)}
+    for name, tensor in (("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"selective_scan: {name} has shape {tuple(tensor.shape)}, expected {expected[name]} "
+                f"(u is (b, d, l) = {tuple(u.shape)}; B and C input-dependent (b, n, l), as Mamba's)"
+            )
+
+
+def selective_scan_sequential(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Reference selective scan: a Python loop over time (same signature as ``mamba_ssm``'s ``selective_scan_fn``).
+
+    Args:
+        u: input (b, d, l).
+        delta: step sizes before bias/softplus (b, d, l).
+        A: state matrix diagonal (d, n), negative.
+        B: input projection (b, n, l).
+        C: output projection (b, n, l).
+        D: skip weight (d,).
+        z: gate (b, d, l); the output is multiplied by ``silu(z)``.
+        delta_bias: added to ``delta`` (d,).
+        delta_softplus: apply softplus to ``delta`` (after the bias).
+
+    Returns:
+        y (b, d, l).
+    """
+    _check(u, delta, A, B, C)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
+    ys = []
+    for t in range(u.shape[2]):
+        drive = (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]  # (b, d, n)
+        h = torch.exp(delta[:, :, t, None] * A) * h + drive  # (b, d, n)
+        ys.append((h * C[:, None, :, t]).sum(-1))  # (b, d)
+    return _finish(torch.stack(ys, dim=-1), u, D, z)
+
+
+def _layout(length: int, chunk_size: int, sub: int) -> tuple[int, int, int]:
+    """Chunks J, sub-chunk length T and sub-chunks per chunk c, balanced so that J * c * T - length < J * T."""
+    sub = min(sub, length)
+    chunks = math.ceil(length / chunk_size)
+    per_chunk = math.ceil(math.ceil(length / chunks) / sub)
+    return chunks, sub, per_chunk
+
+
+def _by_position(x: Tensor, layout: tuple[int, int, int], dtype: torch.dtype) -> Tensor:
+    """(b, k, l) -> (J, T, c, b, k): chunk, position in the sub-chunk, sub-chunk; zero-padded at the end.
+
+    Position-major inside a chunk, so every step of a loop over the T positions reads contiguous memory.
+    """
+    chunks, sub, per_chunk = layout
+    b, k, length = x.shape
+    x = F.pad(x.to(dtype), (0, chunks * per_chunk * sub - length))  # (b, k, J * c * T)
+    return x.reshape(b, k, chunks, per_chunk, sub).permute(2, 4, 3, 0, 1).contiguous()  # (J, T, c, b, k)
+
+
+def _from_position(x: Tensor, length: int) -> Tensor:
+    """Inverse of :func:`_by_position`: (J, T, c, b, k) -> (b, k, length)."""
+    chunks, sub, per_chunk, b, k = x.shape
+    return x.permute(3, 4, 0, 2, 1).reshape(b, k, chunks * per_chunk * sub)[..., :length]  # (b, k, l)
+
+
+def _chunk_states(
+    delta: Tensor, du: Tensor, B: Tensor, A_t: Tensor, h0: Tensor, decay: Tensor, states: Tensor
+) -> Tensor:
+    """All states of one chunk from the state ``h0`` entering it, written into the buffers ``decay`` and ``states``.
+
+    Args:
+        delta: (T, c, b, d) step sizes, position-major (see :func:`_by_position`).
+        du: (T, c, b, d) ``delta * u``.
+        B: (T, c, b, n).
+        A_t: (n, d), A transposed: the state index comes before the channel in every (..., n, d) tensor here.
+        h0: (b, n, d) state entering the chunk.
+        decay: (T, c, b, n, d) buffer; receives ``exp(delta A)``, in (0, 1].
+        states: (T, c, b, n, d) buffer; receives the states h.
+
+    Returns:
+        the state entering every sub-chunk (c, b, n, d).
+    """
+    sub, chunks = delta.shape[:2]
+    torch.mul(delta[:, :, :, None, :], A_t, out=decay).exp_()  # (T, c, b, n, d)
+    torch.mul(du[:, :, :, None, :], B[..., None], out=states)  # drive delta B u (T, c, b, n, d), becomes the states
+    starts = [h0]
+    if chunks > 1:
+        h = states[0].clone()  # (c, b, n, d)
+        for s in range(1, sub):  # pass 1: every sub-chunk's end state from a zero start, all sub-chunks at once
+            torch.addcmul(states[s], decay[s], h, out=h)
+        sub_decay = torch.exp(delta.sum(0)[:, :, None, :] * A_t)  # a whole sub-chunk's decay (c, b, n, d)
+        for k in range(chunks - 1):  # the short recurrence over sub-chunks: true initial states
+            starts.append(torch.addcmul(h[k], sub_decay[k], starts[-1]))  # (b, n, d)
+    starts = torch.stack(starts)  # (c, b, n, d)
+    prev = starts
+    for s in range(sub):  # pass 2: every state, written over the drive
+        prev = states[s].addcmul_(decay[s], prev)  # (c, b, n, d)
+    return starts
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """``y_t = <C_t, h_t>`` (b, d, l) with chunk-bounded memory; the backward recomputes each chunk's states.
+
+    Chunk-sized buffers are allocated once per call and reused: fresh multi-megabyte allocations on CPU cost page
+    faults that outweigh the arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, chunk_size: int, sub: int):  # noqa: D102 - see the class docstring
+        dtype = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype, B.dtype) else torch.float32
+        b, d, length = u.shape
+        n = A.shape[1]
+        layout = _layout(length, chunk_size, sub)
+        _, sub_len, per_chunk = layout
+        A_t = A.to(dtype).T.contiguous()  # (n, d)
+        delta_p = _by_position(delta, layout, dtype)  # (J, T, c, b, d)
+        du_p = delta_p * _by_position(u, layout, dtype)  # (J, T, c, b, d)
+        B_p, C_p = _by_position(B, layout, dtype), _by_position(C, layout, dtype)  # (J, T, c, b, n) each
+        rows = sub_len * per_chunk * b
+        decay, states = (u.new_empty(sub_len, per_chunk, b, n, d, dtype=dtype) for _ in range(2))
+        h = u.new_zeros(b, n, d, dtype=dtype)
+        entering, ys = [], []
+        for j in range(layout[0]):
+            entering.append(h)
+            _chunk_states(delta_p[j], du_p[j], B_p[j], A_t, h, decay, states)
+            ys.append(torch.bmm(C_p[j].view(rows, 1, n), states.view(rows, n, d)))  # <C_t, h_t> (rows, 1, d)
+            h = states[-1, -1].clone()  # padded steps keep the state: the last sub-chunk's last is the chunk's end
+        ctx.save_for_backward(u, delta, A, B, C, torch.stack(entering))
+        ctx.layout, ctx.dtype = layout, dtype
+        y = torch.stack(ys).view(layout[0], sub_len, per_chunk, b, d)  # (J, T, c, b, d)
+        return _from_position(y, length).to(u.dtype)  # (b, d, l)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):  # noqa: D102 - see the class docstring
+        u, delta, A, B, C, entering = ctx.saved_tensors
+        layout, dtype = ctx.layout, ctx.dtype
+        need_A, need_B, need_C = ctx.needs_input_grad[2:5]
+        b, d, length = u.shape
+        n = A.shape[1]
+        n_chunks, sub_len, per_chunk = layout
+        rows = sub_len * per_chunk * b
+        A_t = A.to(dtype).T.contiguous()  # (n, d)
+        delta_p, u_p = _by_position(delta, layout, dtype), _by_position(u, layout, dtype)  # (J, T, c, b, d)
+        B_p, C_p = _by_position(B, layout, dtype), _by_position(C, layout, dtype)  # (J, T, c, b, n)
+        gy_p = _by_position(grad_y, layout, dtype)  # (J, T, c, b, d)
+        du_p = delta_p * u_p
+        grad_u, grad_delta = torch.empty_like(u_p), torch.empty_like(u_p)  # (J, T, c, b, d)
+        grad_B, grad_C = torch.zeros_like(B_p), torch.zeros_like(C_p)  # (J, T, c, b, n)
+        grad_A = torch.zeros_like(A_t)  # (n, d)
+        decay, states, g = (u.new_empty(sub_len, per_chunk, b, n, d, dtype=dtype) for _ in range(3))
+        carry = torch.zeros_like(entering[0])  # exp(delta A) g at the next chunk's first position (b, n, d)
+        for j in range(n_chunks - 1, -1, -1):
+            starts = _chunk_states(delta_p[j], du_p[j], B_p[j], A_t, entering[j], decay, states)
+
+            # Adjoint g_t = dL/dh_t: g_t = C_t gy_t + decay_{t+1} g_{t+1}, in reverse, written over its drive.
+            torch.mul(gy_p[j][:, :, :, None, :], C_p[j][..., None], out=g)  # (T, c, b, n, d)
+            ends = [carry]  # decay * g flowing into each sub-chunk's last position from the right, last first
+            if per_chunk > 1:
+                local = g[-1].clone()  # (c, b, n, d)
+                for s in range(sub_len - 2, -1, -1):  # pass 1: each sub-chunk's g at its start from zero
+                    torch.addcmul(g[s], decay[s + 1], local, out=local)
+                local.mul_(decay[0])
+                sub_decay = torch.exp(delta_p[j].sum(0)[:, :, None, :] * A_t)  # (c, b, n, d)
+                for k in range(per_chunk - 1, 0, -1):
+                    ends.append(torch.addcmul(local[k], sub_decay[k], ends[-1]))  # (b, n, d)
+            incoming = torch.stack(ends[::-1])  # (c, b, n, d)
+            for s in range(sub_len - 1, -1, -1):  # pass 2: every g
+                g[s] += incoming
+                torch.mul(decay[s], g[s], out=incoming)  # (c, b, n, d)
+            carry = incoming[0].clone()  # sub-chunk 0 reaches back into the previous chunk
+
+            decay[1:] *= states[:-1]  # decay_t h_{t-1}
+            decay[0] *= starts
+            if need_C:  # sum_d gy h, then the states buffer is scratch
+                grad_C[j] = torch.mul(states, gy_p[j][:, :, :, None, :], out=states).sum(-1)
+            grad_dA = decay.mul_(g)  # dL/d(delta A)_t = g_t decay_t h_{t-1} (T, c, b, n, d)
+            g_B = torch.bmm(B_p[j].view(rows, 1, n), g.view(rows, n, d)).view(sub_len, per_chunk, b, d)  # sum_n g B
+            torch.mul(g_B, delta_p[j], out=grad_u[j])
+            if need_B:  # sum_d g delta u, then g is scratch
+                grad_B[j] = torch.mul(g, du_p[j][:, :, :, None, :], out=g).sum(-1)
+            torch.add(g_B.mul_(u_p[j]), torch.mul(grad_dA, A_t, out=states).sum(-2), out=grad_delta[j])
+            if need_A:
+                grad_A += torch.mul(grad_dA, delta_p[j][:, :, :, None, :], out=states).view(rows, n, d).sum(0)
+        return (
+            _from_position(grad_u, length).to(u.dtype),
+            _from_position(grad_delta, length).to(delta.dtype),
+            grad_A.T.to(A.dtype) if need_A else None,
+            _from_position(grad_B, length).to(B.dtype) if need_B else None,
+            _from_position(grad_C, length).to(C.dtype) if need_C else None,
+            None,
+            None,
+        )
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk_size: int = 2048,
+    sub_chunk: int = SUB_CHUNK,
+) -> Tensor:
+    """Chunked selective scan in pure PyTorch; arguments and result as :func:`selective_scan_sequential`.
+
+    Memory is bounded by the chunk: three (chunk, b, d, n) buffers in the backward (two in the forward) plus the
+    position-major copies of the (b, d, l) inputs, and one (b, d, n) state per chunk kept from the forward; nothing
+    of size (l, b, d, n) is ever made. Computes in float32 (float64 when an input is float64) whatever the input
+    dtype, as the fused kernel does; returns u's dtype. Gradients flow to u, delta, A, B and C (and through the
+    plain autograd ops around the scan to D, z and delta_bias); double backward is not supported.
+
+    Args:
+        chunk_size: positions held in memory at once; the sequence is cut into ``ceil(l / chunk_size)`` chunks of
+            equal length (rounded up to a multiple of ``sub_chunk``).
+        sub_chunk: positions scanned one after another inside a chunk, each step vectorised over the chunk's
+            sub-chunks.
+
+    Raises:
+        ValueError: a shape that is not ``selective_scan_fn``'s, or a chunk or sub-chunk size below 1.
+    """
+    _check(u, delta, A, B, C)
+    if chunk_size < 1 or sub_chunk < 1:
+        raise ValueError(f"selective_scan: chunk_size={chunk_size} and sub_chunk={sub_chunk} must be >= 1")
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    y = _SelectiveScan.apply(u, delta, A, B, C, chunk_size, min(sub_chunk, chunk_size))  # (b, d, l)
+    return _finish(y, u, D, z)
