@@ -65,6 +65,7 @@ FLAGS: dict[str, dict[str, tuple[Callable[[str], list[str]], str]]] = {
         "--target": (_list("target"), "comma list of models to evaluate: name or prefix, run dir or .ckpt"),
         "--attacks": (_list("attacks"), "comma list of conf/attack presets, e.g. fgsm,pgd,vafa"),
         "--eps": (_list("eps"), "comma list of budgets in [0, 1] units, e.g. 4/255,8/255"),
+        "--suite": (_group("suite"), "conf/suite run alongside --attacks: reliable | papers | compare"),
         "--data": (_group("data"), "dataset in conf/data"),
         "--experiment": (_group(EXPERIMENT), "experiment in conf/experiment"),
     },

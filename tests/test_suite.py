@@ -86,3 +86,21 @@ def test_bad_suite_file_names_the_member(tmp_path):
     (tmp_path / "suite" / "mine.yaml").write_text("group: mine\nmembers:\n  a: {loss: js}\n")
     with pytest.raises(ConfigError, match="needs a 'preset'"):
         build_suite([], ["4/255"], None, tmp_path, suites=["mine"])
+
+
+def test_compare_suite_matches_papers_and_reliable():
+    """compare.yaml must stay the union of papers.yaml and reliable.yaml, each member in its own group."""
+    compare = build_suite([], ["4/255"], None, CONF, suites=["compare"])
+    parts = build_suite([], ["4/255"], None, CONF, suites=["papers", "reliable"])
+    assert [(s.label, s.group, s.config) for s in compare] == [(s.label, s.group, s.config) for s in parts]
+
+
+def test_loaded_suite_content_as_from_the_config_group():
+    from omegaconf import OmegaConf
+
+    from robustseg.config import expand_flags, load_config
+
+    cfg = load_config("evaluate", [*expand_flags("evaluate", ["--suite", "reliable"]), "logger=none"])
+    loaded = build_suite([], ["4/255"], None, CONF, suites=[OmegaConf.to_container(cfg.suite, resolve=True)])
+    assert [s.label for s in loaded] == ["apgd_mce", "apgd_bce", "apgd_js"]
+    assert load_config("evaluate", ["logger=none"]).suite is None

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from robustseg.errors import ConfigError
 from robustseg.evaluation import checks, validate
 from robustseg.evaluation.costs import append_cost, read_costs, total_costs
+from robustseg.evaluation.ensemble import cascade_predicate
 from robustseg.evaluation.identity import data_preprocessing, short_hash
 from robustseg.evaluation.lock import OutputLock, held
 from robustseg.evaluation.modelinfo import check_preprocessing, unique_labels
@@ -171,6 +172,9 @@ def evaluate(cfg: DictConfig) -> Path:
         as_list(cfg.get("q_max")),
         _conf_dir(),
         OmegaConf.to_container(cfg.attack_overrides, resolve=True) if cfg.get("attack_overrides") else {},
+        suites=[OmegaConf.to_container(cfg.suite, resolve=True)] if cfg.get("suite") else [],
+        cascade=bool(cfg.get("cascade", False)),
+        allow_large_eps=bool(cfg.get("allow_large_eps", False)),
     )
     from robustseg.data import build_datamodule
 
@@ -230,6 +234,7 @@ def _run_shard(cfg, out, index, count, suite, datamodule, cases, mine, targets, 
         also_whitebox=bool(cfg.get("also_whitebox", False)),
         data=data_preprocessing(OmegaConf.to_container(cfg.data, resolve=True)),
         progress=None,
+        skip=cascade_predicate if cfg.get("cascade") else None,
     )
     keys = [k for c in mine for k in evaluator.keys(c)]
     write_manifest(out, index, count, mine, keys)  # the partition; completed with identities at the end

@@ -7,8 +7,9 @@ attacks (FGSM, PGD, APGD, ...), ``sigma`` for Gaussian noise (Malik et al. use t
 of these runs once at its preset. Presets are composed with OmegaConf so ``step_size: ${.eps}`` (FGSM) follows
 the swept value.
 
-A named suite (``suite=reliable``; ``conf/suite/<name>.yaml``) adds fixed, documented members, each a preset
-with field values, labelled and tagged with the suite's ``group`` (the report takes the worst case per group):
+A suite (``suite=reliable``, ``--suite reliable``: the config group ``conf/suite/``) adds fixed, documented
+members, each a preset with field values, labelled and tagged with a ``group`` (the report takes the worst case
+per group):
 
 .. code-block:: yaml
 
@@ -121,25 +122,34 @@ def load_preset(name: str, conf_dir: Path, overrides: Mapping[str, Any] | None =
     return preset
 
 
-def load_suite(name: str, conf_dir: Path) -> list[Member]:
-    """The members of ``conf/suite/<name>.yaml`` (see the module docstring), checked against their presets."""
-    path = conf_dir / "suite" / f"{name}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"suite: no suite {name!r} (conf/suite/{name}.yaml); options: {options}")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+def load_suite(suite: str | Mapping[str, Any], conf_dir: Path) -> list[Member]:
+    """The members of a suite, checked against their presets (see the module docstring).
+
+    Args:
+        suite: a name (``conf/suite/<name>.yaml``) or the file's content already loaded (``cfg.suite``).
+
+    A member may name its own ``group`` (a suite comparing two groups); otherwise it takes the suite's.
+    """
+    if isinstance(suite, str):
+        path = conf_dir / "suite" / f"{suite}.yaml"
+        if not path.is_file():
+            options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise ConfigError(f"suite: no suite {suite!r} (conf/suite/{suite}.yaml); options: {options}")
+        cfg, name = OmegaConf.to_container(OmegaConf.load(path), resolve=True), suite
+    else:
+        cfg, name = dict(suite), str(suite.get("group") or "suite")
+    where = f"conf/suite/{name}.yaml"
     unknown = set(cfg) - {"group", "description", "common", "members"}
     if unknown or not cfg.get("members"):
-        raise ConfigError(f"conf/suite/{name}.yaml: expected keys group, description, common, members (non-empty)")
+        raise ConfigError(f"{where}: expected keys group, description, common, members (non-empty), got {sorted(cfg)}")
     common, members = dict(cfg.get("common") or {}), []
     for label, spec in cfg["members"].items():
         spec = dict(spec or {})
         if "preset" not in spec:
-            raise ConfigError(f"conf/suite/{name}.yaml: members.{label} needs a 'preset' (a conf/attack file)")
-        preset = spec.pop("preset")
-        where = f"conf/suite/{name}.yaml members.{label}"
-        load_preset(preset, conf_dir, {**common, **spec}, where)  # every field must exist in the preset
-        members.append(Member(str(label), str(preset), {**common, **spec}, cfg.get("group") or name))
+            raise ConfigError(f"{where}: members.{label} needs a 'preset' (a conf/attack file)")
+        preset, group = spec.pop("preset"), spec.pop("group", None) or cfg.get("group") or name
+        load_preset(preset, conf_dir, {**common, **spec}, f"{where} members.{label}")  # fields must exist
+        members.append(Member(str(label), str(preset), {**common, **spec}, str(group)))
     return members
 
 
@@ -168,7 +178,7 @@ def build_suite(
     conf_dir: Path,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     *,
-    suites: Sequence[str] = (),
+    suites: Sequence[str | Mapping[str, Any]] = (),
     cascade: bool = False,
     allow_large_eps: bool = False,
 ) -> list[AttackSpec]:
@@ -179,7 +189,7 @@ def build_suite(
         eps, q_max: the budget sweeps.
         overrides: field values per preset name or suite member label (``attack_overrides``); a key that is
             neither is an error naming the suite's presets. A preset name applies to every member built from it.
-        suites: ``conf/suite`` names (``suite=``).
+        suites: ``conf/suite`` names, or their loaded content (``cfg.suite`` of ``suite=reliable``).
         cascade: mark suite members as skippable once a case is at foreground Dice 0 (see :class:`AttackSpec`).
         allow_large_eps: accept L-inf budgets and noise sigmas >= 1 (refused by default: ``--eps 2`` almost always
             means 2/255); sets ``allow_large_budget`` on attacks that have it (attacks without it still refuse).
@@ -189,7 +199,7 @@ def build_suite(
     """
     members = [Member(str(n), str(n), {}) for n in names]
     for suite in suites:
-        members += load_suite(str(suite), conf_dir)
+        members += load_suite(suite, conf_dir)
     if not members:
         raise ConfigError("attacks: the suite is empty; name presets such as attacks=[fgsm,pgd,vafa] or suite=reliable")
     overrides = overrides or {}
