@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import sys
-import types
+from collections import Counter
 
-import numpy as np
 import pytest
 
+from robustseg.evaluation import checks
 from robustseg.evaluation.plots import budget_curves, plot_dice_vs_budget
 from robustseg.evaluation.report import write_outputs
 from robustseg.evaluation.summary import summarise
@@ -91,36 +90,67 @@ def test_worst_per_case_choices_differ_between_cases_and_per_group():
     assert group["attack_name"] == "fgsm@8/255, pgd@8/255"
 
 
-def test_sea_pooled_dice_of_a_group_uses_the_greedy_assignment(monkeypatch):
-    """The group's pooled Dice comes from ``ensemble.greedy_assignment(counts)`` (stubbed here) on (N, A, 3, K)."""
-    seen = {}
+def _pooled_fg(counts):
+    """Plain reference: per-class pooled Dice of summed (intersection, pred, label) dicts, foreground mean."""
+    k = len(counts[0]["intersection"])
+    dice = []
+    for j in range(1, k):
+        inter = sum(c["intersection"][j] for c in counts)
+        denom = sum(c["pred"][j] + c["label"][j] for c in counts)
+        dice.append(1.0 if denom == 0 else 2 * inter / denom)
+    return dice
 
-    def greedy_assignment(counts):
-        seen["shape"] = counts.shape
-        return np.array([1, 0]), 0.25  # case 0 -> second attack (pgd), case 1 -> first (fgsm)
 
-    monkeypatch.setitem(
-        sys.modules, "robustseg.evaluation.ensemble", types.SimpleNamespace(greedy_assignment=greedy_assignment)
-    )
+def test_sea_pooled_dice_of_a_group_is_the_best_assignment():
+    """Two cases x two attacks: SEA's greedy choice equals the brute-force minimum of the pooled foreground Dice."""
 
-    def counts(i1, p1, g1):
-        return {"intersection": [90, i1, 0], "pred": [100, p1, 0], "label": [100, g1, 0]}
+    def counts(i1, p1, g1, i2=0, p2=0, g2=0):
+        return {"intersection": [90, i1, i2], "pred": [100, p1, p2], "label": [100, g1, g2]}
 
+    table = {
+        ("c0", "fgsm"): counts(5, 10, 10, 3, 4, 4),
+        ("c0", "pgd"): counts(1, 10, 10, 4, 4, 4),
+        ("c1", "fgsm"): counts(2, 4, 6, 0, 1, 0),
+        ("c1", "pgd"): counts(3, 4, 6, 0, 0, 0),
+    }
     records = [
-        record("fgsm", "8/255", "c0", 0.5, 1, 0.5, eps=1.0, config=FGSM, group="sea", counts=counts(5, 10, 10)),
-        record("pgd", "8/255", "c0", 0.6, 1, 0.5, eps=1.0, config=PGD, group="sea", counts=counts(1, 10, 10)),
-        record("fgsm", "8/255", "c1", 0.5, 1, 0.5, eps=1.0, config=FGSM, group="sea", counts=counts(2, 4, 6)),
-        record("pgd", "8/255", "c1", 0.6, 1, 0.5, eps=1.0, config=PGD, group="sea", counts=counts(3, 4, 6)),
+        record(a, "8/255", c, 0.5 if a == "fgsm" else 0.6, 1, 0.5, eps=1.0, config=PGD, group="sea", counts=n)
+        for (c, a), n in table.items()
     ]
     rows = summarise(records, CLASSES, CONTEXT)
     row = next(r for r in rows if r["attack"] == "worst[sea]" and r["budget"] == "8/255")
-    assert seen["shape"] == (2, 2, 3, 3)
-    assert row["sea_pooled_dice_mean"] == pytest.approx(0.25)
-    # liver pooled over c0/pgd and c1/fgsm: 2 (1 + 2) / (10 + 10 + 4 + 6); tumour empty everywhere: 1
-    assert row["sea_pooled_dice_liver"] == pytest.approx(6 / 30) and row["sea_pooled_dice_tumour"] == 1.0
-    assert row["sea_attacks"] == "fgsm@8/255: 1, pgd@8/255: 1"
+    options = {
+        (a0, a1): _pooled_fg([table[("c0", a0)], table[("c1", a1)]]) for a0 in ("fgsm", "pgd") for a1 in ("fgsm", "pgd")
+    }
+    best = min(options, key=lambda k: sum(options[k]) / 2)
+    assert row["sea_pooled_dice_mean"] == pytest.approx(sum(options[best]) / 2)
+    assert [row["sea_pooled_dice_liver"], row["sea_pooled_dice_tumour"]] == pytest.approx(options[best])
+    assert row["sea_attacks"] == ", ".join(f"{a}@8/255: {n}" for a, n in sorted(Counter(best).items()))
     pgd = next(r for r in rows if r["attack"] == "pgd")
     assert pgd["pooled_dice_liver"] == pytest.approx(2 * 4 / 30)  # plain pooled Dice of one attack's counts
+
+
+def test_sea_takes_a_cascade_skipped_result_as_the_cases_worst(tmp_path):
+    """A member the cascade skipped (no metrics, no counts) stands for the case's lowest-Dice result."""
+    broken = {"intersection": [90, 0], "pred": [100, 0], "label": [100, 10]}
+    fine = {"intersection": [90, 9], "pred": [100, 10], "label": [100, 10]}
+    records = [
+        record("fgsm", "8/255", "c0", 0.0, 1, 0.5, eps=1.0, config=FGSM, group="g", counts=broken),
+        record("pgd", "8/255", "c0", 0.9, 1, 0.5, eps=1.0, config=PGD, group="g", counts=fine),
+        {**record("apgd", "8/255", "c0", 0.0, 1, 0.5, eps=1.0, config=PGD, group="g"), "skipped": "cascade"},
+    ]
+    for r in records:  # two classes
+        r["dice"], r["hd95"], r["nsd"] = r["dice"][:2], r["hd95"][:1], r["nsd"][:1]
+    records[2] = {k: v for k, v in records[2].items() if k not in ("dice_mean", "hd95_mean", "nsd_mean", "dice")}
+    rows = summarise(records, ["background", "liver"], CONTEXT)
+    row = next(r for r in rows if r["attack"] == "worst[g]" and r["budget"] == "8/255")
+    assert row["sea_pooled_dice_mean"] == 0.0 and row["sea_attacks"] == "fgsm@8/255: 1"
+    assert row["worst_dice_attacks"] == "fgsm@8/255: 1"
+    apgd = next(r for r in rows if r["attack"] == "apgd")
+    assert apgd["n_skipped"] == 1 and apgd["n_cases"] == 0 and apgd["dice_mean"] is None
+    flags = [f.to_dict() for f in checks.result_flags(rows, records)]  # a row without metrics breaks nothing
+    report = write_outputs(tmp_path, rows, flags, {}, {}, ["background", "liver"])["report"].read_text()
+    assert "apgd@8/255" in report and "n_skipped" not in report
 
 
 def test_every_row_carries_its_threat_model():

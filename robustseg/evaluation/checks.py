@@ -152,7 +152,11 @@ def check_transfer_vs_whitebox(
             key = (r["target"], _budget_match(r))
             if key not in white or float(r["dice_mean"]) < white[key][0]:
                 white[key] = (float(r["dice_mean"]), str(r["attack"]))
-    compared = [r for r in rows if r["attack"] in noise_attacks or r["source"] != r["target"]]
+    compared = [
+        r
+        for r in rows
+        if (r["attack"] in noise_attacks or r["source"] != r["target"]) and r.get("dice_mean") is not None
+    ]
     if not compared:
         return [not_checked("transfer_vs_whitebox", "no transfer or noise attack in the results")]
     flags = []

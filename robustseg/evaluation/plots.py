@@ -34,7 +34,7 @@ def budget_curves(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], di
     clean = {r["target"]: r["dice_mean"] for r in rows if r["attack"] == CLEAN}
     out: dict[tuple[str, str], dict[tuple[str, str], list]] = {}
     for r in rows:
-        if r["attack"] == CLEAN or str(r["attack"]).startswith(WORST) or budget_value(r) is None:
+        if r["attack"] == CLEAN or str(r["attack"]).startswith(WORST) or None in (budget_value(r), r.get("dice_mean")):
             continue
         curve = out.setdefault((budget_axis(r), r["target"]), {}).setdefault((r["source"], r["attack"]), [])
         curve.append((budget_value(r), r["dice_mean"]))

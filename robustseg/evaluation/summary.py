@@ -248,13 +248,18 @@ def summarise(
 
     records = list(records)
     groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
-    skipped: dict[tuple, int] = defaultdict(int)
+    skipped: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
         key = (r["source"], r["target"], r["attack"], r["budget"])
         if r.get("skipped"):  # a cascade skipped this attack on this case (already broken): no metrics
-            skipped[key] += 1
+            skipped[key].append(r)
         else:
             groups[key].append(r)
-    rows = [make_row(g, class_names, context, n_skipped=skipped.get(k, 0)) for k, g in groups.items()]
+    rows = []
+    for key in dict.fromkeys([*groups, *skipped]):
+        members = groups.get(key, [])
+        row = make_row(members or skipped[key], class_names, context, n_skipped=len(skipped.get(key, [])))
+        row["n_cases"] = len(members)
+        rows.append(row)
     rows += worst_rows(records, class_names, context)
     return sort_rows(rows)

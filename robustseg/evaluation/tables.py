@@ -145,7 +145,8 @@ def transfer_matrices(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[list
         targets = sorted({r["target"] for r in group})
         matrix = np.full((len(sources), len(targets)), np.nan)
         for r in group:
-            matrix[sources.index(r["source"]), targets.index(r["target"])] = r["dice_mean"]
+            value = r.get("dice_mean")
+            matrix[sources.index(r["source"]), targets.index(r["target"])] = np.nan if value is None else value
         out[name] = (sources, targets, matrix)
     return out
 

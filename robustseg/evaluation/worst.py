@@ -16,12 +16,9 @@ added: ``sea_pooled_dice_mean`` and ``sea_pooled_dice_<class>``, with ``sea_atta
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
-
-import numpy as np
 
 from robustseg.evaluation.summary import (
     CLEAN,
@@ -33,8 +30,6 @@ from robustseg.evaluation.summary import (
     names_of,
     pooled_dice,
 )
-
-log = logging.getLogger(__name__)
 
 SELECTED_BY = (
     "per case: dice*/flip/perturbation columns from the lowest-Dice attack, hd95* from the largest-HD95 attack, "
@@ -141,22 +136,31 @@ def _worst_row(
 def _sea(
     per_case: Sequence[Sequence[Mapping[str, Any]]], attacks: Sequence[str], class_names: Sequence[str] | None
 ) -> dict[str, Any]:
-    """Pooled per-class Dice under SEA's greedy assignment; empty when a record lacks ``dice_counts``."""
-    if any(r.get("dice_counts") is None for rs in per_case for r in rs):
+    """Pooled per-class Dice under SEA's greedy assignment (``ensemble.greedy_assignment``).
+
+    ``per_case[i][j]`` is case i's record of ``attacks[j]``. A record a cascade skipped (no ``dice_counts``)
+    stands for the case's lowest-Dice result (``ensemble.counts_table``), and is reported as that attack.
+    Empty when a case has no counts at all (records written before counts were recorded).
+    """
+    if any(all(r.get("dice_counts") is None for r in rs) for rs in per_case):
         return {}
-    try:
-        from robustseg.evaluation.ensemble import greedy_assignment
-    except ImportError:  # the reliable suite's module is not installed: no pooled number, said in the log
-        log.warning("robustseg.evaluation.ensemble is missing: no SEA pooled Dice in the worst-case rows")
-        return {}
-    fields = ("intersection", "pred", "label")
-    counts = np.array([[[r["dice_counts"][f] for f in fields] for r in rs] for rs in per_case], dtype=np.int64)
-    # counts: (cases, attacks, 3, K)
-    assignment, pooled_fg = greedy_assignment(counts)
-    chosen = [rs[int(a)] for rs, a in zip(per_case, assignment)]
+    from robustseg.evaluation.ensemble import counts_table, greedy_assignment
+
+    relabelled = [{**r, "attack": _label(r)} for rs in per_case for r in rs]
+    case_ids, counts, _ = counts_table(relabelled, list(attacks))  # counts: (cases, attacks, 3, K)
+    choice, pooled_fg = greedy_assignment(counts)
+    by_case = {str(rs[0]["case_id"]): rs for rs in per_case}
+    chosen = []
+    for case_id, j in zip(case_ids, choice):
+        record = by_case[case_id][int(j)]
+        if record.get("dice_counts") is None:  # skipped: the counts used are the case's lowest-Dice result
+            record = min(
+                (r for r in by_case[case_id] if r.get("dice_counts") is not None), key=lambda r: r["dice_mean"]
+            )
+        chosen.append(record)
     pooled = pooled_dice([r["dice_counts"] for r in chosen])
     names = names_of(chosen, class_names)
     out: dict[str, Any] = {f"sea_pooled_dice_{class_slug(n)}": v for n, v in zip(names[1:], pooled[1:])}
-    out["sea_pooled_dice_mean"] = float(np.mean(pooled_fg)) if np.ndim(pooled_fg) else float(pooled_fg)
+    out["sea_pooled_dice_mean"] = float(pooled_fg)
     out["sea_attacks"] = _counts(chosen)
     return out
