@@ -187,31 +187,41 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_evaluation_e2e import eval_cfg
 from robustseg.evaluation import evaluate
-evaluate(eval_cfg(Path({root!r}), Path({out!r}), "--target", "unet", "attacks=[fgsm,pgd]", "frequency.bands=null"))
+evaluate(eval_cfg(Path({root!r}), Path({out!r}), *{args!r}))
 """
+RESULT_FIELDS = ("dice", "hd95", "nsd", "flip_rate", "l2", "linf", "ssim", "dice_counts", "budget_ok")
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_loses_nothing(workspace):
+def test_kill_9_mid_run_loses_nothing_and_matches_an_uninterrupted_run(workspace):
+    """A BatchNorm model: after kill -9 and resume the records equal an uninterrupted run's, bit for bit."""
+    bn = make_run(workspace / "runs_bn", "unet-bn", "unet", workspace / "data", model_extra={"norm": "batch"})
+    args = ("--target", str(bn), "attacks=[fgsm,pgd]", "eps=[8/255]", "frequency.bands=null", "sw.overlap=0.25")
+    reference = workspace / "out_uninterrupted"
+    evaluate(eval_cfg(workspace, reference, *args))
     out = workspace / "out_killed"
     path = log_path(out, 0, 1)
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), root=str(workspace), out=str(out))
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), root=str(workspace), out=str(out), args=args)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if path.exists() and path.read_bytes().count(b"\n") >= 3:
+        if path.exists() and path.read_bytes().count(b"\n") >= 4:
             break
         time.sleep(0.05)  # polling the child's progress; no assertion depends on timing
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(read_records(path))
-    evaluate(eval_cfg(workspace, out, "--target", "unet", "attacks=[fgsm,pgd]", "frequency.bands=null"))
+    assert (out / ".lock.shard-0-of-1").exists()  # the killed process's lock is stale: the resume takes it over
+    evaluate(eval_cfg(workspace, out, *args))
     records = read_records(path)
-    keys = [(r["source"], r["target"], r["attack"], r["budget"], r["case_id"]) for r in records]
-    assert len(keys) == len(set(keys)) == 3 * (1 + 4)  # 3 cases x (clean + 2 attacks x 2 budgets)
-    assert done_before >= 3
-    assert (out / "report.md").exists()
+    key = lambda r: (r["source"], r["target"], r["attack"], r["budget"], r["case_id"])  # noqa: E731
+    keys = [key(r) for r in records]
+    assert len(keys) == len(set(keys)) == 3 * (1 + 2)  # 3 cases x (clean + 2 attacks x 1 budget)
+    assert 4 <= done_before < len(keys)
+    assert (out / "report.md").exists() and not (out / ".lock.shard-0-of-1").exists()
+    expected = {key(r): {f: r.get(f) for f in RESULT_FIELDS} for r in read_records(log_path(reference, 0, 1))}
+    assert {key(r): {f: r.get(f) for f in RESULT_FIELDS} for r in records} == expected
 
 
 def test_external_state_dict_and_torchscript(tmp_path):
