@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 ZSCORE_MODES = ("frozen", "adaptive")
 OUTPUT_KINDS = ("logits", "probabilities", "regions")
-_LOG_FLOOR = 1e-12  # probabilities are floored before the log: log(0) would give -inf scores and NaN gradients
+# Probabilities are floored at the smallest normal float before the log: log(0) would give -inf scores and NaN
+# gradients; a larger floor would zero the gradient of every voxel whose probabilities are merely small.
 _ABSENT = -1e4  # score of a label no region maps to: never the argmax, exp() underflows to 0 in a softmax
 
 
@@ -255,10 +256,10 @@ class AdaptedModel(nn.Module):
         out = out / (len(combos) + 1)
         out = self.spatial.from_model(out, window)  # (B, K or R, D, H, W)
         if self.output == "probabilities":
-            out = out.clamp_min(_LOG_FLOOR).log()
+            out = out.clamp_min(torch.finfo(out.dtype).tiny).log()
         elif self.output == "regions":
             if self.region_outputs == "probabilities":
-                out = torch.logit(out, eps=_LOG_FLOOR)
+                out = torch.logit(out, eps=torch.finfo(out.dtype).eps)
             out = region_scores(out, self.regions_class_order, self.num_classes)
         if x.requires_grad and torch.is_grad_enabled() and not out.requires_grad:
             # The model cuts the graph (a detach, no_grad inside, a non-differentiable export). A zero path keeps
