@@ -203,7 +203,7 @@ def per_class_table(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str
 
 def all_rows_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: every summary row with its main metrics and its threat model."""
-    keys = ["source", "target", "attack", "budget", "n_cases", "dice_mean", "hd95_mean", "hd95_empty_pred"]
+    keys = ["source", "target", "attack", "budget", "n_cases", "n_skipped", "dice_mean", "hd95_mean", "hd95_empty_pred"]
     keys += ["hd95_empty_truth", "nsd_mean", "flip_rate", "linf_max", "ssim", "psnr", "budget_ok"]
     lines = ["| " + " | ".join(keys) + " | threat model |", "|---" * (len(keys) + 1) + "|"]
     for r in rows:
