@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from robustseg.config import load_config
-from robustseg.errors import CheckpointError
+from robustseg.errors import CheckpointError, ConfigError
 from robustseg.evaluation import evaluate
 from robustseg.evaluation.records import read_records
 from robustseg.evaluation.resolve import load_checkpoint, resolve_model
@@ -151,12 +151,19 @@ def test_resume_after_kill_and_shards(workspace):
     assert {int(r["n_cases"]) for r in rows} == {3}
     # the same evaluation in two shards, merged, gives the same records
     sharded = workspace / "out_sharded"
-    for i in range(2):
-        evaluate(eval_cfg(workspace, sharded, *args, f"shard={i}/2"))
+    evaluate(eval_cfg(workspace, sharded, *args, "shard=0/2"))
+    evaluate(eval_cfg(workspace, sharded, *args[:-1], "attack_mode=pipeline", "shard=1/2"))  # other settings
+    with pytest.raises(ConfigError, match=r"other settings(.|\n)*threat model.mode: \"tiles\" != \"pipeline\""):
+        evaluate(eval_cfg(workspace, sharded, *args, "shard=0/2", "merge=true"))
+    evaluate(eval_cfg(workspace, sharded, *args, "shard=1/2"))
     evaluate(eval_cfg(workspace, sharded, *args, "shard=0/2", "merge=true"))
     rows = list(csv.DictReader((sharded / "summary.csv").open()))
     clean = next(r for r in rows if r["attack"] == "clean")
     assert int(clean["n_cases"]) == 3
+    assert {r["mode"] for r in rows if r["attack"] == "fgsm"} == {"tiles"}
+    merged = {key(r): r["dice"] for r in read_records(log_path(sharded, 0, 2)) + read_records(log_path(sharded, 1, 2))}
+    single = {key(r): r["dice"] for r in resumed}
+    assert {k: v for k, v in merged.items() if k in single} == single  # shards give the single run's numbers
 
 
 def test_mismatched_checkpoint_names_keys_and_shapes(workspace, tmp_path):

@@ -216,3 +216,21 @@ def test_progress_reports_done_total_elapsed_and_eta():
     line = progress.update("c0 unet pgd@4/255")
     assert line.startswith("evaluate: 3/6 (50%) c0 unet pgd@4/255") and "elapsed 0m10s" in line
     assert "ETA 0m30s" in line  # 10 s per computed item, 3 left
+
+
+def test_cascade_predicate_records_skipped_results(tmp_path):
+    """A cascade hook sees the case's records so far; a skipped attack is recorded as such, without metrics."""
+    seen = []
+
+    def skip(case_id, spec, so_far):
+        seen.append((case_id, spec.label, sorted(r["attack"] for r in so_far)))
+        return spec.label == "pgd" and case_id == "c1"
+
+    ev = evaluator(tmp_path, bn_model(BNNet()), "cascade")
+    ev.skip = skip
+    ev.run(cases()[:2])
+    records = {(r["attack"], r["case_id"]): r for r in ev.log.records.values()}
+    assert records[("pgd", "c1")]["skipped"] == "cascade" and "dice" not in records[("pgd", "c1")]
+    assert "skipped" not in records[("pgd", "c0")] and records[("pgd", "c0")]["dice"]
+    assert ("c1", "pgd", ["clean", "fgsm"]) in seen
+    assert not list((tmp_path / "cascade" / "adversarial" / "bn" / "pgd").rglob("c1-*.nii.gz"))
