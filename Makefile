@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # oversubscription. PYTEST_ARGS="-n 0" runs in one process.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv test test-fast demo lint format bench clean
+.PHONY: venv test test-fast demo lint format bench clean mutate
 
 venv: $(STAMP)
 
@@ -41,6 +41,22 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/attacks.py
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/mamba.py
+
+# Mutation testing of the attack library (mutmut; config in pyproject.toml [tool.mutmut]) on a copy in runs/mutate,
+# niced, MUTATE_JOBS workers; prints the score. Survivors: runs/mutate/survivors.txt (`mutmut show NAME` there).
+MUTATE_DIR ?= runs/mutate
+MUTATE_JOBS ?= 2
+mutate: $(STAMP)
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install --quiet -e ".[mutation]"
+	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
+	cp -r robustseg tests conf pyproject.toml $(MUTATE_DIR)/
+	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 WANDB_MODE=disabled nice -n 10 $(CURDIR)/$(BIN)/mutmut run \
+		--max-children $(MUTATE_JOBS) > mutmut.log 2>&1 || { tail -c 3000 mutmut.log; exit 1; }
+	cd $(MUTATE_DIR) && $(CURDIR)/$(BIN)/mutmut export-cicd-stats > /dev/null \
+		&& $(CURDIR)/$(BIN)/mutmut results > survivors.txt 2>&1; \
+		$(CURDIR)/$(BIN)/python -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
+		k = s["killed"] + s["timeout"]; n = s["total"] - s["skipped"]; \
+		print(f"mutation score: {k}/{n} mutants killed = {100 * k / max(n, 1):.1f} %", s)'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
