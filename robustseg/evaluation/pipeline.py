@@ -1,8 +1,10 @@
 """``evaluate(cfg)``: from a composed ``conf/evaluate.yaml`` to a directory of results.
 
-Steps: resolve the target models (and the surrogate for transfer), check they share the data's label set, build
-the attack suite, pick this shard's cases, run the :class:`~robustseg.evaluation.runner.Evaluator` (resuming from
-the per-case JSONL), then, for a single shard or on ``merge=true``, summarise, check and report.
+Steps: check the settings and the output location (nothing is written before they are valid), build the attack
+suite, pick this shard's cases, resolve the target models (and the surrogate for transfer) with unique labels and
+check their label set and training preprocessing against the data, lock the output directory (per shard), run
+the :class:`~robustseg.evaluation.runner.Evaluator` (resuming from the per-case JSONL by result identity), then,
+for a single shard or on ``merge=true``, summarise, check and report exactly this run's results.
 """
 
 from __future__ import annotations
@@ -79,17 +81,13 @@ def _models(cfg: DictConfig, data_names: list[str]) -> tuple[list[LoadedModel], 
     return targets, source
 
 
-def model_info(m: LoadedModel) -> dict[str, Any]:
-    """What the report shows about a model: label, architecture, run directory, checkpoint, training mode."""
-    return {
-        "label": m.label,
-        "architecture": m.model_name,
-        "run_dir": m.run_dir,
-        "checkpoint": m.checkpoint,
-        "checkpoint_sha256": m.checkpoint_sha256,
-        "train_mode": m.train_mode,
-        "checkpoint_note": m.checkpoint_note,
-    }
+def model_info(m: LoadedModel) -> str:
+    """What the report says about a model: label, architecture, training mode, run directory, checkpoint."""
+    text = (
+        f"{m.label}: {m.model_name}, trained {m.train_mode or 'unknown'}, run dir {m.run_dir or '-'}, "
+        f"checkpoint {m.checkpoint} (sha256 {m.checkpoint_sha256[:12]})"
+    )
+    return text + (f" [{m.checkpoint_note}]" if m.checkpoint_note else "")
 
 
 def _settings(cfg: DictConfig, targets, source, suite, n_cases: int, notes: list[str]) -> dict[str, Any]:
@@ -109,7 +107,7 @@ def _settings(cfg: DictConfig, targets, source, suite, n_cases: int, notes: list
             f"{t.label} [{t.model_name}, {t.train_mode or '?'}, {Path(t.checkpoint).name} {t.checkpoint_sha256[:12]}]"
             for t in targets
         ),
-        "models": [model_info(m) for m in models],
+        "models": "; ".join(model_info(m) for m in models),
         "threat model": (f"transfer from {source.label}" + (" + white-box" if cfg.get("also_whitebox") else ""))
         if source
         else "white-box (each target is its own source)",
@@ -314,7 +312,9 @@ def finalize(cfg: DictConfig, out: Path, count: int) -> Path:
     settings["result identity"] = f"{run_sha} (records selected by key and identity; other records in {out} ignored)"
     flag_dicts = [f.to_dict() for f in flags]
     paths = write_outputs(out, rows, flag_dicts, settings, stats, class_names)
-    # robustness cards (issue 13) go here: rows, flag_dicts, settings["models"] and stats are at hand
+    from robustseg.cards import write_cards  # robustness cards (issue 13): <out>/cards/<target>.json
+
+    write_cards(out, rows, settings.get("models", []), flag_dicts, stats, settings, records, class_names)
     config = OmegaConf.to_container(cfg, resolve=True)
     log_wandb(
         config.get("logger"), out, rows, flag_dicts, stats, [p for p in paths.values() if p.suffix == ".png"], config

@@ -60,7 +60,7 @@ class Evaluator(SanityChecks):
         craft_fn: ``attack_volume``; injectable for tests.
         skip: optional cascade predicate ``skip(case_id, spec, records_so_far) -> bool``; a skipped (source,
             attack, budget) is recorded as ``skipped: "cascade"`` without metrics.
-        progress: show progress (tqdm bar on a terminal, else a log line per item); None: log lines.
+        progress: progress display: True a tqdm bar, False log lines, None a bar only on a terminal.
     """
 
     def __init__(
@@ -219,7 +219,7 @@ class Evaluator(SanityChecks):
             cases = cases if hasattr(cases, "__len__") else list(cases)
             total = len(cases)
         n = total
-        self.progress = Progress(n * (1 + len(self.plan()) * len(self.suite)), bar=self.show_progress or False)
+        self.progress = Progress(n * (1 + len(self.plan()) * len(self.suite)), bar=self.show_progress)
         try:
             for case in cases:
                 self.run_case(case, with_checks=first_checks and not self.checked)
