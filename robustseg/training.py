@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -238,7 +239,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
             default_root_dir=str(run_dir),
             inference_mode=system.val_attack is None,  # adversarial validation needs gradients
         )
-    except (ValueError, TypeError, RuntimeError) as err:  # incl. Lightning's MisconfigurationException
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as err:
         finish(logger)
         raise ConfigError(f"trainer: cannot build the Lightning Trainer: {err}") from None
     _create_run_dir(cfg, run_dir)  # the first write of the run
