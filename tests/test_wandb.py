@@ -215,7 +215,6 @@ def test_disabled_wandb_logs_nothing(tmp_path, monkeypatch):
     assert payload["eval/dice/clean/unet"] == pytest.approx(0.825) and not list(tmp_path.rglob("offline-run-*"))
 
 
-@pytest.mark.slow
 def test_training_logs_curves_and_slice_images_to_an_offline_run(tmp_path, offline):
     from robustseg.config import load_config
     from robustseg.training import train

@@ -135,7 +135,8 @@ def threat_model(first: Mapping[str, Any], context: Mapping[str, Any] | None = N
     value = budget_value(first)
     row["budget_value"] = value
     intensity = first.get("intensity") or context.get("intensity") or {}
-    ct = str(first.get("modality", context.get("modality", "ct"))).lower() == "ct"
+    modality = first.get("modality") or context.get("modality")
+    ct = modality is None or str(modality).lower().startswith("ct")  # ct, ct_pet: the window is in HU
     is_eps = first.get("eps") is not None and first.get("attack") != CLEAN
     if is_eps and ct and {"a_min", "a_max"} <= set(intensity):
         row["budget_hu"] = float(first["eps"]) * (float(intensity["a_max"]) - float(intensity["a_min"]))
