@@ -86,7 +86,7 @@ class Mamba(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         scan: str = "auto",
-        chunk_size: int = 2048,
+        chunk_size: int = 512,
     ) -> None:
         super().__init__()
         if scan not in SCANS:

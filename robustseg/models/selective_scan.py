@@ -5,18 +5,20 @@ per batch ``b``, channel ``d`` and state ``n``::
 
     h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t          y_t = <C_t, h_t> + D u_t   (then * silu(z_t))
 
-:func:`selective_scan` follows the fused CUDA kernel's strategy (``mamba_ssm``, ``selective_scan_fwd_kernel`` /
-``selective_scan_bwd_kernel``): the sequence is processed chunk after chunk (``chunk_size`` positions, 2048 as the
-kernel's), carrying one (b, d, n) state from chunk to chunk; inside a chunk the states come from a parallel scan; the
-forward keeps no state tensor, only the state entering each chunk, and the backward recomputes each chunk's states
-from it, in reverse chunk order, next to the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``.
-Memory is therefore a few (chunk, b, d, n) tensors whatever the sequence length; work is O(L) as the loop's.
+:func:`selective_scan` follows the fused CUDA kernel's strategy (``mamba_ssm``'s ``selective_scan_fwd_kernel`` /
+``selective_scan_bwd_kernel``): the sequence is processed chunk after chunk (``chunk_size`` positions; 512 by
+default, measured fastest on CPU, where the chunk's buffers stay in cache), carrying one (b, d, n) state from chunk to
+chunk; inside a chunk the states come from a parallel scan; the forward keeps no state tensor, only the state
+entering each sub-chunk (1/32 of the positions), and the backward recomputes each chunk's states from them, in
+reverse chunk order, next to the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``. Memory is
+therefore a few (chunk, b, d, n) tensors whatever the sequence length; work is O(L) as the loop's.
 
 Inside a chunk (:func:`_chunk_states`): the chunk is cut into sub-chunks of ``sub_chunk`` positions laid out
 position-major, (T, c, ...); a loop over the T positions, each step vectorised over all c sub-chunks, finds every
 sub-chunk's end state from zero; a short loop over the sub-chunks (each decays by ``exp(A * sum delta)``) gives each
 one's true initial state; a second loop writes every state in place. Every exponent is ``delta A <= 0``, so nothing
 overflows at any length or step size (a cumulative-sum form ``exp(S_t - S_s)`` would, through ``exp(-S_s)``).
+Tensors inside are (..., n, d): state before channel, so the sums over n are batched vector-matrix products.
 
 :func:`selective_scan_sequential` is the plain loop over time with autograd: the reference of the tests.
 """
@@ -125,36 +127,42 @@ def _from_position(x: Tensor, length: int) -> Tensor:
 def _chunk_states(
     delta: Tensor, du: Tensor, B: Tensor, A_t: Tensor, h0: Tensor, decay: Tensor, states: Tensor
 ) -> Tensor:
-    """All states of one chunk from the state ``h0`` entering it, written into the buffers ``decay`` and ``states``.
+    """All states of one chunk, written into the buffers ``decay`` and ``states``.
 
     Args:
         delta: (T, c, b, d) step sizes, position-major (see :func:`_by_position`).
         du: (T, c, b, d) ``delta * u``.
         B: (T, c, b, n).
         A_t: (n, d), A transposed: the state index comes before the channel in every (..., n, d) tensor here.
-        h0: (b, n, d) state entering the chunk.
+        h0: (b, n, d) state entering the chunk, or (c, b, n, d) the state entering every sub-chunk (known from the
+            forward: the first pass is skipped).
         decay: (T, c, b, n, d) buffer; receives ``exp(delta A)``, in (0, 1].
         states: (T, c, b, n, d) buffer; receives the states h.
 
     Returns:
         the state entering every sub-chunk (c, b, n, d).
     """
-    sub, chunks = delta.shape[:2]
     torch.mul(delta[:, :, :, None, :], A_t, out=decay).exp_()  # (T, c, b, n, d)
     torch.mul(du[:, :, :, None, :], B[..., None], out=states)  # drive delta B u (T, c, b, n, d), becomes the states
+    starts = h0 if h0.dim() == 4 else _sub_chunk_starts(delta, A_t, h0, decay, states)  # (c, b, n, d)
+    prev = starts
+    for s in range(delta.shape[0]):  # pass 2: every state, written over the drive
+        prev = states[s].addcmul_(decay[s], prev)  # (c, b, n, d)
+    return starts
+
+
+def _sub_chunk_starts(delta: Tensor, A_t: Tensor, h0: Tensor, decay: Tensor, drive: Tensor) -> Tensor:
+    """The state entering every sub-chunk (c, b, n, d), from the state h0 (b, n, d) entering the chunk."""
+    sub, chunks = delta.shape[:2]
     starts = [h0]
     if chunks > 1:
-        h = states[0].clone()  # (c, b, n, d)
+        h = drive[0].clone()  # (c, b, n, d)
         for s in range(1, sub):  # pass 1: every sub-chunk's end state from a zero start, all sub-chunks at once
-            torch.addcmul(states[s], decay[s], h, out=h)
+            torch.addcmul(drive[s], decay[s], h, out=h)
         sub_decay = torch.exp(delta.sum(0)[:, :, None, :] * A_t)  # a whole sub-chunk's decay (c, b, n, d)
         for k in range(chunks - 1):  # the short recurrence over sub-chunks: true initial states
             starts.append(torch.addcmul(h[k], sub_decay[k], starts[-1]))  # (b, n, d)
-    starts = torch.stack(starts)  # (c, b, n, d)
-    prev = starts
-    for s in range(sub):  # pass 2: every state, written over the drive
-        prev = states[s].addcmul_(decay[s], prev)  # (c, b, n, d)
-    return starts
+    return torch.stack(starts)  # (c, b, n, d)
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -180,8 +188,7 @@ class _SelectiveScan(torch.autograd.Function):
         h = u.new_zeros(b, n, d, dtype=dtype)
         entering, ys = [], []
         for j in range(layout[0]):
-            entering.append(h)
-            _chunk_states(delta_p[j], du_p[j], B_p[j], A_t, h, decay, states)
+            entering.append(_chunk_states(delta_p[j], du_p[j], B_p[j], A_t, h, decay, states))  # (c, b, n, d)
             ys.append(torch.bmm(C_p[j].view(rows, 1, n), states.view(rows, n, d)))  # <C_t, h_t> (rows, 1, d)
             h = states[-1, -1].clone()  # padded steps keep the state: the last sub-chunk's last is the chunk's end
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(entering))
@@ -192,7 +199,7 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):  # noqa: D102 - see the class docstring
-        u, delta, A, B, C, entering = ctx.saved_tensors
+        u, delta, A, B, C, entering = ctx.saved_tensors  # entering: every sub-chunk's initial state (J, c, b, n, d)
         layout, dtype = ctx.layout, ctx.dtype
         need_A, need_B, need_C = ctx.needs_input_grad[2:5]
         b, d, length = u.shape
@@ -208,7 +215,7 @@ class _SelectiveScan(torch.autograd.Function):
         grad_B, grad_C = torch.zeros_like(B_p), torch.zeros_like(C_p)  # (J, T, c, b, n)
         grad_A = torch.zeros_like(A_t)  # (n, d)
         decay, states, g = (u.new_empty(sub_len, per_chunk, b, n, d, dtype=dtype) for _ in range(3))
-        carry = torch.zeros_like(entering[0])  # exp(delta A) g at the next chunk's first position (b, n, d)
+        carry = torch.zeros_like(entering[0, 0])  # exp(delta A) g at the next chunk's first position (b, n, d)
         for j in range(n_chunks - 1, -1, -1):
             starts = _chunk_states(delta_p[j], du_p[j], B_p[j], A_t, entering[j], decay, states)
 
@@ -262,16 +269,17 @@ def selective_scan(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
-    chunk_size: int = 2048,
+    chunk_size: int = 512,
     sub_chunk: int = SUB_CHUNK,
 ) -> Tensor:
     """Chunked selective scan in pure PyTorch; arguments and result as :func:`selective_scan_sequential`.
 
     Memory is bounded by the chunk: three (chunk, b, d, n) buffers in the backward (two in the forward) plus the
-    position-major copies of the (b, d, l) inputs, and one (b, d, n) state per chunk kept from the forward; nothing
-    of size (l, b, d, n) is ever made. Computes in float32 (float64 when an input is float64) whatever the input
-    dtype, as the fused kernel does; returns u's dtype. Gradients flow to u, delta, A, B and C (and through the
-    plain autograd ops around the scan to D, z and delta_bias); double backward is not supported.
+    position-major copies of the (b, d, l) inputs, and one (b, d, n) state per sub-chunk kept from the forward
+    (l / sub_chunk of them); nothing of size (l, b, d, n) is ever made. Computes in float32 (float64 when an input
+    is float64) whatever the input dtype, as the fused kernel does; returns u's dtype. Gradients flow to u, delta, A,
+    B and C (and through the plain autograd ops around the scan to D, z and delta_bias); double
+    backward is not supported.
 
     Args:
         chunk_size: positions held in memory at once; the sequence is cut into ``ceil(l / chunk_size)`` chunks of

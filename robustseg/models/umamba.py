@@ -265,7 +265,7 @@ def umamba_bot(
     d_conv: int = 4,
     expand: int = 2,
     scan: str = "auto",
-    chunk_size: int = 32,
+    chunk_size: int = 512,
 ) -> nn.Module:
     """U-Mamba_Bot: residual U-Net with LayerNorm + Mamba on the flattened bottleneck (Ma et al., 2024).
 
@@ -290,7 +290,7 @@ def umamba_enc(
     d_conv: int = 4,
     expand: int = 2,
     scan: str = "auto",
-    chunk_size: int = 32,
+    chunk_size: int = 512,
 ) -> nn.Module:
     """U-Mamba_Enc: a LayerNorm + Mamba layer after every residual encoder stage (Ma et al., 2024).
 
