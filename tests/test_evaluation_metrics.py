@@ -111,3 +111,14 @@ def test_flip_rate():
     b = a.clone()
     b[0, 0, :] = 1
     assert flip_rate(a, b) == pytest.approx(2 / 8)
+
+
+def test_hd95_empty_counts_each_direction_separately():
+    """Two classes predicted where the truth is empty, one present class predicted empty: 2 and 1, not swapped."""
+    label = torch.zeros(6, 6, 6, dtype=torch.long)
+    label[1:3, 1:3, 1:3] = 1  # class 1 present, predicted empty
+    pred = torch.zeros_like(label)
+    pred[4, 4, 4] = 2  # classes 2 and 3 predicted, absent from the truth
+    pred[4, 4, 5] = 3
+    out = segmentation_metrics(pred, label, 4, spacing=(1.0, 1.0, 1.0))
+    assert (out["hd95_empty_pred"], out["hd95_empty_truth"]) == (1, 2)
