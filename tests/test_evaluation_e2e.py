@@ -168,13 +168,13 @@ def test_resume_after_kill_and_shards(workspace):
 
 def test_mismatched_checkpoint_names_keys_and_shapes(workspace, tmp_path):
     run = make_run(tmp_path / "runs", "four-classes", "unet", workspace / "data", num_classes=4)
-    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     ckpt["hyper_parameters"]["model"]["out_channels"] = 3  # weights of a 4-class net, loaded as 3 classes
     torch.save(ckpt, run / "checkpoints" / "best.ckpt")
     with pytest.raises(CheckpointError, match=r"shape mismatch.*\(4,"):
         load_checkpoint(run / "checkpoints" / "best.ckpt")
     other = make_run(tmp_path / "runs", "segresnet-as-unet", "segresnet", workspace / "data")
-    ckpt = torch.load(other / "checkpoints" / "best.ckpt", weights_only=False)
+    ckpt = torch.load(other / "checkpoints" / "best.ckpt", weights_only=True)
     ckpt["hyper_parameters"]["model"] = {"name": "unet", "in_channels": 1, "out_channels": 3, **TINY["unet"]}
     torch.save(ckpt, other / "checkpoints" / "best.ckpt")
     with pytest.raises(CheckpointError, match="missing from the checkpoint"):

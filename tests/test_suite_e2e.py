@@ -58,7 +58,7 @@ def test_reliable_suite_runs_alongside_the_papers_attacks(workspace, tmp_path, m
 def background_only(run: Path) -> None:
     """Rewrite the run's checkpoint so the network predicts background everywhere: every case is at Dice 0."""
     path = run / "checkpoints" / "best.ckpt"
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     state = ckpt["state_dict"]
     *_, weight, bias = [k for k, v in state.items() if v.dtype.is_floating_point]  # the output convolution
     state[weight] = torch.zeros_like(state[weight])

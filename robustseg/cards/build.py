@@ -98,10 +98,10 @@ def parameter_count(model: Any) -> int | None:
     path = _get(model, "checkpoint")
     if not path or not Path(path).is_file() or Path(path).suffix != ".ckpt":
         return None
-    import torch
+    from robustseg.checkpoint_io import safe_torch_load
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        state = safe_torch_load(path, what="checkpoint").get("state_dict", {})
     except Exception:  # a checkpoint torch cannot read safely: the count is optional
         return None
     return sum(v.numel() for k, v in state.items() if k.startswith("net.")) or None
