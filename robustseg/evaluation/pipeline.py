@@ -90,6 +90,20 @@ def model_info(m: LoadedModel) -> str:
     return text + (f" [{m.checkpoint_note}]" if m.checkpoint_note else "")
 
 
+def model_record(m: LoadedModel) -> dict[str, Any]:
+    """A model's provenance as data (run file ``models``; ``finalize`` hands it on): label, architecture, run
+    directory, checkpoint, sha256, training mode, fallback note, role."""
+    return {
+        "label": m.label,
+        "architecture": m.model_name,
+        "run_dir": m.run_dir,
+        "checkpoint": m.checkpoint,
+        "checkpoint_sha256": m.checkpoint_sha256,
+        "train_mode": m.train_mode,
+        "checkpoint_note": m.checkpoint_note,
+    }
+
+
 def _settings(cfg: DictConfig, targets, source, suite, n_cases: int, notes: list[str]) -> dict[str, Any]:
     window = cfg.data.get("intensity") or {}
     hu = (float(window["a_max"]) - float(window["a_min"])) if {"a_min", "a_max"} <= set(window) else None
@@ -261,6 +275,9 @@ def _run_shard(cfg, out, index, count, suite, datamodule, cases, mine, targets, 
         "identity": run_id,
         "flags": flags,
         "settings": _settings(cfg, targets, source, suite, len(mine), notes),
+        "models": [
+            model_record(m) for m in targets + ([source] if source is not None and source not in targets else [])
+        ],
         "this invocation": {
             "records written": stats.records_written,
             "records skipped (already done)": stats.records_skipped,
@@ -305,6 +322,7 @@ def finalize(cfg: DictConfig, out: Path, count: int) -> Path:
     )
     stats = total_costs(records, read_costs(out, count, run_sha))
     settings = dict(runs[0]["settings"]) if runs else {}
+    models = list(runs[0].get("models", [])) if runs else []  # model_record() of every model of this run
     settings["shards"] = count
     settings["data"] = (
         f"{cfg.data.name} ({cfg.get('split', 'validation')}, {len({r['case_id'] for r in records})} case(s))"
@@ -314,7 +332,7 @@ def finalize(cfg: DictConfig, out: Path, count: int) -> Path:
     paths = write_outputs(out, rows, flag_dicts, settings, stats, class_names)
     from robustseg.cards import write_cards  # robustness cards (issue 13): <out>/cards/<target>.json
 
-    write_cards(out, rows, settings.get("models", []), flag_dicts, stats, settings, records, class_names)
+    write_cards(out, rows, models, flag_dicts, stats, settings, records, class_names)
     config = OmegaConf.to_container(cfg, resolve=True)
     log_wandb(
         config.get("logger"), out, rows, flag_dicts, stats, [p for p in paths.values() if p.suffix == ".png"], config
