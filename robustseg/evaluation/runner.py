@@ -144,7 +144,8 @@ class Evaluator(SanityChecks):
         """The case-independent settings of this run (shards must agree on them to be merged)."""
         windows = {label: self.window.identity(m) for label, m in self.models.items()}
         plan = [(s.label, [t.label for t in ts]) for s, ts in self.plan()]
-        return identity.run_identity(self.models, windows, self.suite, plan, self.threat(), self.scoring(), self.data)
+        threat = {**self.threat(), "cascade": self.skip is not None}
+        return identity.run_identity(self.models, windows, self.suite, plan, threat, self.scoring(), self.data)
 
     def volume_identity(self, source: LoadedModel, spec: AttackSpec, case_hash: str) -> dict[str, Any]:
         return identity.volume_identity(source, spec, self.window.identity(source), self.threat(), self.data, case_hash)
@@ -236,7 +237,7 @@ class Evaluator(SanityChecks):
         case_hash = identity.case_fingerprint(image, label, spacing)
         ids = {k: identity.short_hash(self.record_identity(k, case_hash)) for k in self.keys(case_id)}
         self.expected.update(ids)
-        todo = [k for k, sid in ids.items() if not self.log.done(k, sid)]
+        todo = [k for k, sid in ids.items() if not self._have(k, sid)]
         self.stats.records_skipped += len(ids) - len(todo)
         if not todo:
             self.progress.skip(1 + len(self.plan()) * len(self.suite))
@@ -347,6 +348,11 @@ class Evaluator(SanityChecks):
             record = {**fields, **metrics, **perturbation, "budget_ok": ok, "budget_detail": reason, "cost": cost}
             record["target_window"] = self.window.identity(t)
             self._write(key, ids[key], record)
+
+    def _have(self, key: tuple[str, ...], sid: str) -> bool:
+        """A record of ``key`` with identity ``sid`` exists (a cascade-skipped one counts only with a cascade)."""
+        record = self.log.by_identity.get((tuple(key), sid))
+        return record is not None and (self.skip is not None or not record.get("skipped"))
 
     def _case_records(self, case_id: str, ids: Mapping[tuple[str, ...], str]) -> dict[tuple[str, ...], dict]:
         """This run's records of one case written so far (for the cascade predicate)."""
