@@ -249,3 +249,11 @@ def test_vafa2d_is_safe_on_constant_slices_and_changes_the_volume():
     out = ATTACKS.build({"name": "vafa2d", "steps": 3})(net, x, y)
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
     assert (out - x).abs().max() > 0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_block_ssim_gradient_is_exact(dims):
+    torch.manual_seed(2)
+    x = torch.rand(3, *([5] * dims), dtype=torch.float64)
+    y = (x + 0.1 * torch.randn_like(x)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: block_ssim(x, t, dims), (y,))
