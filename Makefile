@@ -43,14 +43,15 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/mamba.py
 
 # Mutation testing of the attack library (mutmut; config in pyproject.toml [tool.mutmut]) on a copy in runs/mutate,
-# niced, MUTATE_JOBS workers; prints the score. Survivors: runs/mutate/survivors.txt (`mutmut show NAME` there).
+# niced (MUTATE_NICE), MUTATE_JOBS workers; prints the score. Survivors: runs/mutate/survivors.txt (`mutmut show NAME` there).
 MUTATE_DIR ?= runs/mutate
 MUTATE_JOBS ?= 2
+MUTATE_NICE ?= 10
 mutate: $(STAMP)
 	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install --quiet -e ".[mutation]"
 	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
 	cp -r robustseg tests conf pyproject.toml $(MUTATE_DIR)/
-	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 WANDB_MODE=disabled nice -n 10 $(CURDIR)/$(BIN)/mutmut run \
+	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 WANDB_MODE=disabled nice -n $(MUTATE_NICE) $(CURDIR)/$(BIN)/mutmut run \
 		--max-children $(MUTATE_JOBS) > mutmut.log 2>&1 || { tail -c 3000 mutmut.log; exit 1; }
 	cd $(MUTATE_DIR) && $(CURDIR)/$(BIN)/mutmut export-cicd-stats > /dev/null \
 		&& $(CURDIR)/$(BIN)/mutmut results > survivors.txt 2>&1; \
