@@ -13,6 +13,10 @@ Not a test: run ``python benchmarks/mamba.py`` (``--quick`` for a smoke run whos
   backward), to show what bounds the ratio.
 * ``enc_over_bot``: UMamba-Enc over UMamba-Bot for time and peak memory. Goals: both <= 1.5.
 
+``--write-eval-models DIR`` (no measurement): untrained paper-plan ``umamba_enc``, ``umamba_bot`` and ``unet`` for
+the synthetic data (32^3 ROI, 3 classes, as ``conf/model/*.yaml`` with ``data=synthetic``) as external-model specs
+``DIR/<name>.yaml`` + state dicts, for timing ``python evaluate.py --target DIR/umamba_enc.yaml ... data=synthetic``.
+
 ``scan``, per sequence length L (512, 4096, 32768): the chunked scan (``selective_scan``) against the sequential
 loop, batch 1, d_inner 64, d_state 16 (U-Mamba_Enc's first-stage Mamba; 32768 tokens = a 32^3 window):
 
@@ -121,6 +125,32 @@ def measure_models(sizes: list[int], threads: int) -> list[dict]:
     return results
 
 
+EVAL_MODELS = {  # the conf/model presets' architecture at the synthetic data's ROI and classes
+    "umamba_enc": {"img_size": [32, 32, 32]},
+    "umamba_bot": {"img_size": [32, 32, 32]},
+    "unet": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "batch"},
+}
+
+
+def write_eval_models(out_dir: str) -> None:
+    """Untrained (seeded) paper-plan models as external specs that ``evaluate.py --target`` loads (timing only)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, kwargs in EVAL_MODELS.items():
+        torch.manual_seed(0)
+        net = MODELS.build({"name": name, "in_channels": 1, "out_channels": 3, **kwargs})
+        torch.save(net.state_dict(), os.path.join(out_dir, f"{name}.pt"))
+        spec = {
+            "name": f"{name}-untrained",
+            "state_dict": f"{name}.pt",
+            "architecture": {"name": name, **kwargs},
+            "num_classes": 3,
+            "in_channels": 1,
+            "roi_size": [32, 32, 32],
+        }
+        with open(os.path.join(out_dir, f"{name}.yaml"), "w") as f:
+            json.dump(spec, f, indent=2)  # JSON is YAML
+
+
 # ------------------------------------------------------------------------------------------------- scan
 def inputs(length: int, grad: bool) -> dict[str, torch.Tensor]:
     """Random scan arguments (selective_scan_fn layout) with a realistic dt range (softplus of N(-3, 1))."""
@@ -183,12 +213,16 @@ def main() -> None:
     parser.add_argument("--long-reps", type=int, default=1, help="rounds of the sequential loop at L > 8192")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--write-eval-models", metavar="DIR", help="write untrained eval specs to DIR and exit")
     parser.add_argument("--child-scan", nargs=2, metavar=("SCAN", "LENGTH"), help=argparse.SUPPRESS)
     parser.add_argument("--child-model", nargs=2, metavar=("NAME", "SIZE"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     if opts.child_scan:
         scan_child(opts.child_scan[0], int(opts.child_scan[1]))
+        return
+    if opts.write_eval_models:
+        write_eval_models(opts.write_eval_models)
         return
     if opts.child_model:
         model_child(opts.child_model[0], int(opts.child_model[1]))

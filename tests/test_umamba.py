@@ -89,12 +89,18 @@ def test_enc_channel_tokens_fix_the_input_size():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_pure_torch_scans_agree_inside_the_network(name):
-    net_chunked = tiny(name, scan="chunked").eval()
-    net_sequential = tiny(name, scan="sequential").eval()
-    x = torch.rand(1, 1, 8, 8, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(net_chunked(x), net_sequential(x), rtol=1e-4, atol=1e-5)
+def test_pure_torch_scans_agree_inside_the_network_in_values_and_input_gradients(name):
+    """The attack's bare pass (frozen parameters, gradient to the input) through chunks of 16 of 512 tokens."""
+    net_chunked = tiny(name, scan="chunked", chunk_size=16).eval().requires_grad_(False)
+    net_sequential = tiny(name, scan="sequential").eval().requires_grad_(False)
+    x = torch.rand(1, 1, 8, 8, 8, requires_grad=True)  # the Mamba layers run in float32 (official)
+    y_chunked, y_sequential = net_chunked(x), net_sequential(x)
+    torch.testing.assert_close(y_chunked, y_sequential, rtol=1e-4, atol=1e-5)
+    weight = torch.randn(y_chunked.shape, generator=torch.Generator().manual_seed(0))
+    (g_chunked,) = torch.autograd.grad((y_chunked * weight).sum(), x)
+    (g_sequential,) = torch.autograd.grad((y_sequential * weight).sum(), x)
+    assert g_sequential.abs().max() > 0
+    torch.testing.assert_close(g_chunked, g_sequential, rtol=1e-3, atol=1e-4 * g_sequential.abs().max().item())
 
 
 @pytest.mark.parametrize("name", NAMES)
