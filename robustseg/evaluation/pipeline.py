@@ -188,6 +188,14 @@ def evaluate(cfg: DictConfig) -> Path:
         cascade=bool(cfg.get("cascade", False)),
         allow_large_eps=bool(cfg.get("allow_large_eps", False)),
     )
+    # models next: a bad or unsafe checkpoint fails before any data is prepared or read
+    targets, source = _models(cfg, [str(cfg.data.name)])
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    models = targets + ([source] if source is not None and source not in targets else [])
+    check_compatible(models, int(cfg.data.num_classes), cfg.data.get("class_names"), data_cfg.get("intensity"))
+    notes = check_preprocessing(models, data_cfg, bool(cfg.get("allow_preprocessing_mismatch", False)))
+    notes = [f"allow_preprocessing_mismatch=true: {n}" for n in notes]
+
     from robustseg.data import build_datamodule
 
     datamodule = build_datamodule(cfg.data)
@@ -200,13 +208,6 @@ def evaluate(cfg: DictConfig) -> Path:
     if limit is not None:
         case_ids = case_ids[:limit]
     mine = shard_cases(case_ids, index, count)
-
-    targets, source = _models(cfg, [str(cfg.data.name)])
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    models = targets + ([source] if source is not None and source not in targets else [])
-    check_compatible(models, int(cfg.data.num_classes), cfg.data.get("class_names"), data_cfg.get("intensity"))
-    notes = check_preprocessing(models, data_cfg, bool(cfg.get("allow_preprocessing_mismatch", False)))
-    notes = [f"allow_preprocessing_mismatch=true: {n}" for n in notes]
 
     validate.make_output_dir(out)  # everything is checked: from here on the output directory is ours
     with OutputLock(lock_file(out, index, count), str(cfg.get("lock", "fail"))):
