@@ -58,6 +58,17 @@ def test_cut_step_rules():
     assert cut_step(losses, 2, 4, 0.75, best, at_last, ~no_cut).tolist() == [True, True, False]
 
 
+def test_foreground_dice_matches_the_metrics():
+    from robustseg.evaluation.metrics import dice_per_class
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 5, 6, 7)
+    labels = torch.randint(0, 3, (3, 1, 5, 6, 7))  # class 3 absent from the labels
+    logits[2, 3] = -100  # ... and from the prediction of volume 2: counts 1 there
+    expected = [sum(dice_per_class(logits[b].argmax(0), labels[b, 0], 4)[1:]) / 3 for b in range(3)]
+    torch.testing.assert_close(foreground_dice(logits, labels), torch.tensor(expected))
+
+
 class SlabNet(nn.Module):
     """Per voxel, class 0 wins only within ``width`` of ``centre``; the CE gradient of label 1 points to the slab.
 

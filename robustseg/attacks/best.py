@@ -9,7 +9,6 @@ returns the best per volume of the batch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -20,11 +19,17 @@ def foreground_dice(logits: Tensor, labels: Tensor) -> Tensor:
     class empty in both counts as 1, one empty in only one of them as 0 (the policy of
     :func:`robustseg.evaluation.metrics.dice_per_class`).
     """
-    k = logits.shape[1]
-    pred = F.one_hot(logits.detach().argmax(dim=1).flatten(1), k)[..., 1:].float()  # (B, V, K-1)
-    gold = F.one_hot(labels[:, 0].flatten(1).long(), k)[..., 1:].float()  # (B, V, K-1)
-    inter = (pred * gold).sum(dim=1)  # (B, K-1)
-    denominator = pred.sum(dim=1) + gold.sum(dim=1)
+    bs, k = logits.shape[:2]
+    pred = logits.detach().argmax(dim=1).flatten(1)  # (B, V)
+    gold = labels[:, 0].flatten(1).to(pred.device).long()  # (B, V)
+    offset = torch.arange(bs, device=pred.device)[:, None] * k  # class c of volume b -> bin b K + c
+
+    def per_class(index: Tensor, weights: Tensor | None = None) -> Tensor:
+        counts = torch.bincount((index + offset).flatten(), weights=weights, minlength=bs * k)
+        return counts.view(bs, k)[:, 1:].float()  # (B, K - 1)
+
+    inter = per_class(gold, (pred == gold).flatten().float())
+    denominator = per_class(pred) + per_class(gold)
     dice = torch.where(denominator > 0, 2 * inter / denominator.clamp_min(1), torch.ones_like(denominator))
     return dice.mean(dim=1)
 
