@@ -55,16 +55,16 @@ ZOO: dict[str, tuple[list[str], str | None]] = {
     "unet_small-lits117-clean": (["data=lits117", "model=unet_small", "trainer.max_epochs=30"], None),
     "unetr_small-lits117-clean": (["data=lits117", "model=unetr_small", "trainer.max_epochs=30"], None),
     "unet_small-lits117-pgd": (
-        ["data=lits117", "model=unet_small", "trainer.max_epochs=9", *PGD_AT],
+        ["data=lits117", "model=unet_small", "trainer.max_epochs=3", *PGD_AT],
         "unet_small-lits117-clean",
     ),
     "unetr_small-lits117-pgd": (
-        ["data=lits117", "model=unetr_small", "trainer.max_epochs=9", *PGD_AT],
+        ["data=lits117", "model=unetr_small", "trainer.max_epochs=3", *PGD_AT],
         "unetr_small-lits117-clean",
     ),
-    "unet_small-mni152-clean": (["data=mni152", "model=unet_small", "trainer.max_epochs=12"], None),
+    "unet_small-mni152-clean": (["data=mni152", "model=unet_small", "trainer.max_epochs=6"], None),
     "unet_small-mni152-pgd": (
-        ["data=mni152", "model=unet_small", "trainer.max_epochs=4", *PGD_AT],
+        ["data=mni152", "model=unet_small", "trainer.max_epochs=3", *PGD_AT],
         "unet_small-mni152-clean",
     ),
 }

@@ -185,7 +185,7 @@ def test_cards_from_report_model_dicts_and_record_costs(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(CLEAN_CFG))
     ckpt = run / "checkpoints" / "best.ckpt"
-    torch.save({"state_dict": {"net.w": torch.zeros(3, 5), "loss.x": torch.zeros(7)}}, ckpt)
+    torch.save({"epoch": 11, "state_dict": {"net.w": torch.zeros(3, 5), "loss.x": torch.zeros(7)}}, ckpt)
     models = [
         {
             "label": "cnn",
@@ -207,7 +207,8 @@ def test_cards_from_report_model_dicts_and_record_costs(tmp_path):
                         records=records, class_names=CLASSES)  # fmt: skip
     card = load_card(paths[0])
     assert [p.name for p in paths] == ["cnn.json"]  # the surrogate has no clean row: no card
-    assert card.model.parameters == 15 and card.model.architecture == "unet" and card.training.epochs == 40
+    assert card.model.parameters == 15 and card.model.architecture == "unet"
+    assert card.training.epochs == 12  # trained (checkpoint epoch 11 + 1), not the config's max_epochs 40
     assert card.dataset.class_names == CLASSES and card.clean.dice_per_class["tumour"] == pytest.approx(0.75)
     assert (card.cost.scope, card.cost.attack_forwards, card.cost.attack_backwards) == ("target", 42, 21)
     by_id = {t.id: t for t in card.threat_models}

@@ -90,21 +90,28 @@ def run_config(model: Any) -> tuple[dict[str, Any] | None, str | None]:
     return (dict(config), None) if config else (None, None)
 
 
-def parameter_count(model: Any) -> int | None:
-    """Parameters of the network: counted on a loaded net, else on the ``net.`` weights of its checkpoint file."""
+def checkpoint_facts(model: Any) -> dict[str, int | None]:
+    """``parameters`` (counted on a loaded net, else on the checkpoint's ``net.`` weights) and ``epochs`` actually
+    trained (the Lightning checkpoint's ``epoch`` + 1; None when the checkpoint does not say)."""
+    facts: dict[str, int | None] = {"parameters": None, "epochs": None}
     net = _get(model, "net")
     if hasattr(net, "parameters"):
-        return sum(p.numel() for p in net.parameters())
+        facts["parameters"] = sum(p.numel() for p in net.parameters())
     path = _get(model, "checkpoint")
     if not path or not Path(path).is_file() or Path(path).suffix != ".ckpt":
-        return None
+        return facts
     from robustseg.checkpoint_io import safe_torch_load
 
     try:
-        state = safe_torch_load(path, what="checkpoint").get("state_dict", {})
-    except Exception:  # a checkpoint torch cannot read safely: the count is optional
-        return None
-    return sum(v.numel() for k, v in state.items() if k.startswith("net.")) or None
+        ckpt = safe_torch_load(path, what="checkpoint")
+    except Exception:  # a checkpoint torch cannot read safely: both facts are optional
+        return facts
+    if facts["parameters"] is None:
+        state = ckpt.get("state_dict", {})
+        facts["parameters"] = sum(v.numel() for k, v in state.items() if k.startswith("net.")) or None
+    if isinstance(ckpt.get("epoch"), int):
+        facts["epochs"] = ckpt["epoch"] + 1
+    return facts
 
 
 def flags_for(flags: Sequence[Mapping[str, Any]], label: str, labels: Sequence[str]) -> list[dict[str, Any]]:
@@ -186,6 +193,8 @@ def build_card(
     own_flags = flags_for(flags, label, labels)
     raised = [f for f in own_flags if f["raised"]]
     choices = (config or {}).get("choices") or {}
+    facts = checkpoint_facts(model)
+    training = training_of(config, config_path)
     roi = _get(model, "roi_size") or ((config or {}).get("data") or {}).get("roi_size") or []
     card = {
         "format": FORMAT,
@@ -201,11 +210,11 @@ def build_card(
             "label": label,
             "architecture": str(_get(model, "model_name", "architecture")),
             "preset": choices.get("model"),
-            "parameters": parameter_count(model),
+            "parameters": facts["parameters"],
             "checkpoint": str(_get(model, "checkpoint")),
             "checkpoint_sha256": str(_get(model, "checkpoint_sha256")),
         },
-        "training": training_of(config, config_path),
+        "training": {**training, "epochs": facts["epochs"] or training["epochs"]},
         "preprocessing": preprocessing_of(config, roi),
         "clean": metrics_of(clean, class_names),
         "threat_models": threat_models(rows, label, class_names, own_records),

@@ -122,7 +122,7 @@ class Training(_Strict):
     attack: dict[str, Any] | None
     adv_mode: str | None
     data: str | None
-    epochs: int | None
+    epochs: int | None  # epochs actually trained (checkpoint), else the config's max_epochs
     lr: float | None
     config: str | None  # path of the run's config.yaml when one was found
 
