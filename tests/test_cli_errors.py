@@ -150,3 +150,15 @@ def test_unknown_trainer_key_names_the_closest(tmp_path):
         from lightning import Trainer
 
         check_arguments(Trainer.__init__, {"max_epohcs": 3}, "trainer")
+
+
+def test_evaluate_output_dir_is_a_file(tmp_path, data_root, capsys):
+    """The evaluation side's output checks reach the user the same way: one line, exit 2."""
+    from robustseg.cli import evaluate_main
+
+    out = tmp_path / "report"
+    out.write_text("a file")
+    data = [a for a in args(out, data_root) if a.startswith(("data", "logger"))]
+    code = evaluate_main([*data, "--target", "unet", f"runs_root={tmp_path / 'runs'}", f"output_dir={out}"])
+    one_message(capsys, code, str(out))
+    assert out.read_text() == "a file"
