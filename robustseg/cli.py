@@ -42,6 +42,11 @@ def describe_os_error(err: OSError) -> str:
     return f"{text} ({hint})" if hint else text
 
 
+def one_line(text: str) -> str:
+    """A message on one line: multi-line parts (e.g. a printed affine matrix) joined with single spaces."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def main(name: str, run: Callable, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` for ``conf/<name>.yaml``, call ``run(cfg)``; return the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -53,7 +58,7 @@ def main(name: str, run: Callable, argv: Sequence[str] | None = None) -> int:
         cfg = load_config(name, argv)
         result = run(cfg)
     except RobustsegError as err:
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write(f"error: {one_line(str(err))}\n")
         return EXIT_USER_ERROR
     except OSError as err:  # read-only or full disk, a file where a directory should be: the user's to fix
         sys.stderr.write(f"error: {describe_os_error(err)}\n")

@@ -36,6 +36,13 @@ from robustseg.trainer import build_trainer_kwargs
 log = logging.getLogger(__name__)
 
 RUN_DIR_ENV = "ROBUSTSEG_RUN_DIR"  # hands rank 0's run directory to DDP processes it launches
+# Trainer arguments train() sets itself, and where the user chooses them instead
+RESERVED_TRAINER_KEYS = {
+    "logger": "choose it with logger=csv|wandb|none",
+    "callbacks": "pass callbacks to train(cfg, callbacks=...)",
+    "default_root_dir": "it is the run directory: set output_dir / run_name",
+    "inference_mode": "it follows system.val_attack",
+}
 
 
 def run_prefix(cfg: DictConfig) -> str:
@@ -51,7 +58,7 @@ def run_prefix(cfg: DictConfig) -> str:
 
 def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
     """The run directory and the checkpoint to resume from (``None`` for a fresh run)."""
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(cfg.output_dir).expanduser()
     ckpt = cfg.ckpt_path
     if os.environ.get(RUN_DIR_ENV):  # a process launched by rank 0's DDP launcher
         run_dir = Path(os.environ[RUN_DIR_ENV])
@@ -210,6 +217,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
     check_output_dir(cfg.output_dir)
     run_dir, ckpt_path = resolve_run(cfg)
     trainer_kwargs = build_trainer_kwargs(cfg.trainer)  # a bad trainer.<key> fails here, before any work
+    reserved = sorted(set(trainer_kwargs) & set(RESERVED_TRAINER_KEYS))
+    if reserved:
+        raise ConfigError(
+            f"trainer.{reserved[0]} is set by robustseg ({RESERVED_TRAINER_KEYS[reserved[0]]}); remove it from the "
+            "trainer section"
+        )
     resume_from = [ckpt_path] if ckpt_path else _slurm_checkpoints(run_dir)
     for path in resume_from:
         check_resume_checkpoint(path)

@@ -162,3 +162,21 @@ def test_evaluate_output_dir_is_a_file(tmp_path, data_root, capsys):
     code = evaluate_main([*data, "--target", "unet", f"runs_root={tmp_path / 'runs'}", f"output_dir={out}"])
     one_message(capsys, code, str(out))
     assert out.read_text() == "a file"
+
+
+def test_multi_line_messages_are_printed_on_one_line(capsys):
+    from robustseg.errors import DataError
+
+    def run(cfg):
+        raise DataError("image a.nii.gz and label b.nii.gz have different affines:\n[[1. 0.]\n [0. 1.]]\nvs\n[[2. 0.]]")
+
+    code = main("train", run, ["logger=none"])
+    err = one_message(capsys, code, "different affines: [[1. 0.] [0. 1.]] vs [[2. 0.]]")
+    assert err.count("\n") == 1
+
+
+def test_trainer_keys_robustseg_sets_itself_are_refused(tmp_path, data_root, capsys):
+    out = tmp_path / "runs"
+    code = train_main(args(out, data_root, "+trainer.logger=false"))
+    one_message(capsys, code, "trainer.logger is set by robustseg", "logger=csv|wandb|none")
+    assert not out.exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_only
 
 from robustseg.data.datalist import Case, read_datalist
 from robustseg.data.options import DataOptions
@@ -121,7 +122,8 @@ def check_dataset(options: DataOptions) -> tuple[dict[str, list[Case]], dict[str
             found = check_case(case, options, where=where)
             if found:
                 warnings[str(case["case_id"])] = found
-                log.warning("suspicious data, %s: %s", where, "; ".join(found))
+                if rank_zero_only.rank == 0:  # DDP processes check the data too; one of them tells
+                    log.warning("suspicious data, %s: %s", where, "; ".join(found))
     log.info(
         "data %s: %s checked (%s)",
         options.name,
