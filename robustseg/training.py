@@ -233,7 +233,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
     datamodule.validate()  # every data problem surfaces here, before the Trainer starts
 
     config = system.hparams.config
-    logger = build_logger(config.get("logger"), run_dir, run_dir.name, config, resume=bool(ckpt_path))
+    logger = build_logger(config.get("logger"), run_dir, run_dir.name, config, resume=bool(resume_from))
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
