@@ -99,6 +99,10 @@ def test_changed_settings_recompute_exactly_what_they_change(ws):
     assert "2/255" not in report
     on_disk = {r["budget"] for r in read_records(log_path(out, 0, 1))}
     assert {"0", "2/255", "8/255"} <= on_disk  # older records stay on disk, untouched
+    figures = sorted(p.name for p in (out / "montages").glob("*.png"))
+    assert len(figures) == 1 and "fgsm@8_255" in figures[0]  # the 2/255 figure is set aside, not shown
+    aside = [p.name for p in (out / "montages" / "other-results").glob("*.png")]
+    assert len(aside) == 1 and "fgsm@2_255" in aside[0]
     # the sliding window shapes the attack: every volume is re-crafted and every record recomputed
     stored = {p: p.stat().st_mtime_ns for p in (out / "adversarial").rglob("*.nii.gz")}
     evaluate(eval_cfg(ws, out, *BASE[:-2], "sw.overlap=0.5", "max_cases=2", "eps=[8/255]"))

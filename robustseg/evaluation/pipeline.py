@@ -223,11 +223,16 @@ def _run_shard(cfg, out, index, count, suite, datamodule, cases, mine, targets, 
     montage_cases = set(mine[: int(cfg.get("montage_cases", 1))])
     last_budget = {s.label: s.budget for s in suite}  # one montage per attack: its largest (last) budget
 
-    def montage(src, tgt, spec, case_id, *volumes) -> None:
+    def montage(src, tgt, spec, case_id, *volumes, settings_id: str = "") -> str | None:
+        """One figure per (source, target, attack) of the first cases, at the attack's largest budget; the name
+        carries the result's identity, so figures of other settings never overwrite or stand in for it."""
         if case_id in montage_cases and spec.budget == last_budget[spec.label]:
-            name = f"{case_slug(case_id)}_{src.label}_to_{tgt.label}_{spec.label}.png"
+            name = f"{case_slug(case_id)}_{src.label}_to_{tgt.label}_{spec.label}@{spec.budget}_{settings_id[:8]}.png"
             title = f"{spec.label}@{spec.budget} from {src.label} on {tgt.label}, case {case_id}"
-            save_montage(out / "montages" / re.sub(r"[^A-Za-z0-9_.@-]+", "_", name), *volumes, title=title)
+            name = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)
+            save_montage(out / "montages" / name, *volumes, title=title)
+            return f"montages/{name}"
+        return None
 
     bands = cfg.get("frequency", {}).get("bands") if cfg.get("frequency") else None
     evaluator = Evaluator(
@@ -330,6 +335,7 @@ def finalize(cfg: DictConfig, out: Path, count: int) -> Path:
     )
     settings["result identity"] = f"{run_sha} (records selected by key and identity; other records in {out} ignored)"
     flag_dicts = [f.to_dict() for f in flags]
+    set_aside_stale_montages(out, records)
     paths = write_outputs(out, rows, flag_dicts, settings, stats, class_names)
     from robustseg.cards import write_cards  # robustness cards (issue 13): <out>/cards/<target>.json
 
@@ -343,3 +349,17 @@ def finalize(cfg: DictConfig, out: Path, count: int) -> Path:
         log.warning("sanity flag raised: %s: %s", f.name, f.detail)
     log.info("report: %s (%d flag(s) raised)", paths["report"], len(raised))
     return out
+
+
+def set_aside_stale_montages(out: Path, records: list[dict[str, Any]]) -> None:
+    """Move figures of other runs' results from ``montages/`` to ``montages/other-results/``.
+
+    The report shows the figures in ``montages/``; only the ones this run's records name stay there.
+    """
+    mine = {Path(r["montage"]).name for r in records if r.get("montage")}
+    folder = out / "montages"
+    for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        if path.name not in mine:
+            aside = folder / "other-results"
+            aside.mkdir(exist_ok=True)
+            path.replace(aside / path.name)

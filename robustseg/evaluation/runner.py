@@ -78,7 +78,7 @@ class Evaluator(SanityChecks):
         nsd_tolerance_mm: float | None = 1.0,
         bands: Mapping[str, Sequence[float]] | None = None,
         max_zero_grad_fraction: float = 0.5,
-        montage: Callable[..., None] | None = None,
+        montage: Callable[..., Any] | None = None,
         also_whitebox: bool = False,
         craft_fn: Callable[..., Tensor] | None = None,
         data: Mapping[str, Any] | None = None,
@@ -343,7 +343,7 @@ class Evaluator(SanityChecks):
             cost = dict(attack_cost)  # the volume's cost goes with the first record that needed it
             attack_cost = {}
             metrics = self._score_adversarial(
-                source, t, spec, case_id, image, adversarial, label, spacing, clean_pred, cost
+                source, t, spec, case_id, image, adversarial, label, spacing, clean_pred, cost, ids[key]
             )
             record = {**fields, **metrics, **perturbation, "budget_ok": ok, "budget_detail": reason, "cost": cost}
             record["target_window"] = self.window.identity(t)
@@ -375,8 +375,13 @@ class Evaluator(SanityChecks):
         spacing: list[float],
         clean_pred: Mapping[str, Tensor],
         cost: dict[str, Any],
+        settings_id: str = "",
     ) -> dict[str, Any]:
-        """Metrics of ``target`` on one adversarial (1, C, D, H, W) volume, incl. flip rate and DCT bands."""
+        """Metrics of ``target`` on one adversarial (1, C, D, H, W) volume, incl. flip rate and DCT bands.
+
+        The montage callback ``montage(source, target, spec, case_id, *volumes, settings_id=...)`` may return the
+        path of the figure it wrote; the record keeps it as ``montage``.
+        """
         logits = self._counted(self.stats.score_passes, lambda: self.predict(target, adversarial), cost)
         pred = logits.argmax(1)[0]  # (D, H, W)
         metrics = score_prediction(pred, label[0, 0], target.num_classes, spacing, self.nsd_tolerance_mm)
@@ -396,7 +401,9 @@ class Evaluator(SanityChecks):
             }
         if self.montage is not None:
             volumes = (image[0], adversarial[0], label[0], clean_pred[target.label], pred)
-            self.montage(source, target, spec, case_id, *volumes)
+            path = self.montage(source, target, spec, case_id, *volumes, settings_id=settings_id)
+            if path is not None:
+                metrics["montage"] = str(path)
         return metrics
 
     def settings_id(self, key: tuple[str, ...]) -> str | None:
