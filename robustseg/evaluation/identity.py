@@ -175,3 +175,56 @@ def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") ->
         elif canonical(x) != canonical(y):
             out.append(f"{prefix}{key}: {canonical(x)} != {canonical(y)}")
     return out
+
+
+class ResultIdentity:
+    """Mixin of :class:`~robustseg.evaluation.runner.Evaluator`: the identities of its results.
+
+    Uses the evaluator's ``models``, ``window``, ``suite``, ``plan()``, ``mode``, ``memory_bounded``, ``seed``,
+    ``nsd_tolerance_mm``, ``bands``, ``data``, ``skip``, ``log`` and ``expected``.
+    """
+
+    def threat(self) -> dict[str, Any]:
+        return {"mode": self.mode, "memory_bounded": self.memory_bounded, "seed": self.seed}
+
+    def scoring(self) -> dict[str, Any]:
+        return {"nsd_tolerance_mm": self.nsd_tolerance_mm, "bands": self.bands}
+
+    def run_identity(self) -> dict[str, Any]:
+        """The case-independent settings of this run (shards must agree on them to be merged)."""
+        windows = {label: self.window.identity(m) for label, m in self.models.items()}
+        plan = [(s.label, [t.label for t in ts]) for s, ts in self.plan()]
+        threat = {**self.threat(), "cascade": self.skip is not None}
+        return run_identity(self.models, windows, self.suite, plan, threat, self.scoring(), self.data)
+
+    def volume_identity(self, source: Any, spec: Any, case_hash: str) -> dict[str, Any]:
+        return volume_identity(source, spec, self.window.identity(source), self.threat(), self.data, case_hash)
+
+    def record_identity(self, key: tuple[str, ...], case_hash: str) -> dict[str, Any]:
+        """Everything the record of ``key`` depends on (see the module docstring)."""
+        source, target, attack, budget, _ = key
+        target_model = self.models[target]
+        volume = None
+        if attack != CLEAN:
+            spec = self.spec(attack, budget)
+            volume = self.volume_identity(self.models[source], spec, case_hash)
+        scoring = self.scoring() if attack != CLEAN else {"nsd_tolerance_mm": self.nsd_tolerance_mm}
+        window = self.window.identity(target_model)
+        return record_identity(target_model, window, scoring, self.data, case_hash, volume)
+
+    def spec(self, attack: str, budget: str) -> Any:
+        return next(s for s in self.suite if (s.label, s.budget) == (attack, budget))
+
+    def settings_id(self, key: tuple[str, ...]) -> str | None:
+        """The identity hash this run expects for ``key`` (known once its case has been read), else None."""
+        return self.expected.get(tuple(key))
+
+    def done(self, key: tuple[str, ...]) -> bool:
+        """Whether ``key`` has a record made with the current settings (its case must have been read)."""
+        sid = self.settings_id(key)
+        return sid is not None and self.log.done(tuple(key), sid)
+
+    def _have(self, key: tuple[str, ...], sid: str) -> bool:
+        """A record of ``key`` with identity ``sid`` exists (a cascade-skipped one counts only with a cascade)."""
+        record = self.log.by_identity.get((tuple(key), sid))
+        return record is not None and (self.skip is not None or not record.get("skipped"))

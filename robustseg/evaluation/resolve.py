@@ -13,6 +13,9 @@ A spec is, in this order:
 
 Weights are loaded with a strict key and shape comparison, so a checkpoint of another architecture or class
 count fails with :class:`~robustseg.errors.CheckpointError` naming the mismatched keys and shapes.
+A run name matching runs of several training modes is an error unless ``train_mode=`` picks one; a missing
+``best.ckpt`` falls back to ``last.ckpt`` (logged, and recorded as the model's ``checkpoint_note``); a checkpoint
+whose architecture is not the one its run directory's ``config.yaml`` names is refused (``modelinfo.py``).
 """
 
 from __future__ import annotations

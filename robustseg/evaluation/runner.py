@@ -26,7 +26,7 @@ from torch import Tensor
 from robustseg.evaluation import checks, identity
 from robustseg.evaluation.costs import PASSES, RunStats
 from robustseg.evaluation.frequency import band_filtered_inputs
-from robustseg.evaluation.identity import budget_value, case_seed
+from robustseg.evaluation.identity import ResultIdentity, budget_value, case_seed
 from robustseg.evaluation.metrics import flip_rate, perturbation_metrics
 from robustseg.evaluation.progress import Progress
 from robustseg.evaluation.records import CaseLog
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 CLEAN = identity.CLEAN
 
 
-class Evaluator(SanityChecks):
+class Evaluator(ResultIdentity, SanityChecks):
     """Runs the white-box/transfer evaluation over cases; see the module docstring.
 
     Args:
@@ -131,39 +131,6 @@ class Evaluator(SanityChecks):
         for source, targets in self.plan():
             out += [(source.label, t.label, s.label, s.budget, case_id) for s in self.suite for t in targets]
         return out
-
-    # -- identity ------------------------------------------------------------------------------------------------
-
-    def threat(self) -> dict[str, Any]:
-        return {"mode": self.mode, "memory_bounded": self.memory_bounded, "seed": self.seed}
-
-    def scoring(self) -> dict[str, Any]:
-        return {"nsd_tolerance_mm": self.nsd_tolerance_mm, "bands": self.bands}
-
-    def run_identity(self) -> dict[str, Any]:
-        """The case-independent settings of this run (shards must agree on them to be merged)."""
-        windows = {label: self.window.identity(m) for label, m in self.models.items()}
-        plan = [(s.label, [t.label for t in ts]) for s, ts in self.plan()]
-        threat = {**self.threat(), "cascade": self.skip is not None}
-        return identity.run_identity(self.models, windows, self.suite, plan, threat, self.scoring(), self.data)
-
-    def volume_identity(self, source: LoadedModel, spec: AttackSpec, case_hash: str) -> dict[str, Any]:
-        return identity.volume_identity(source, spec, self.window.identity(source), self.threat(), self.data, case_hash)
-
-    def record_identity(self, key: tuple[str, ...], case_hash: str) -> dict[str, Any]:
-        """Everything the record of ``key`` depends on (see ``identity.py``)."""
-        source, target, attack, budget, _ = key
-        target_model = self.models[target]
-        volume = None
-        if attack != CLEAN:
-            spec = self.spec(attack, budget)
-            volume = self.volume_identity(self.models[source], spec, case_hash)
-        scoring = self.scoring() if attack != CLEAN else {"nsd_tolerance_mm": self.nsd_tolerance_mm}
-        window = self.window.identity(target_model)
-        return identity.record_identity(target_model, window, scoring, self.data, case_hash, volume)
-
-    def spec(self, attack: str, budget: str) -> AttackSpec:
-        return next(s for s in self.suite if (s.label, s.budget) == (attack, budget))
 
     # -- network passes -----------------------------------------------------------------------------------------
 
@@ -349,11 +316,6 @@ class Evaluator(SanityChecks):
             record["target_window"] = self.window.identity(t)
             self._write(key, ids[key], record)
 
-    def _have(self, key: tuple[str, ...], sid: str) -> bool:
-        """A record of ``key`` with identity ``sid`` exists (a cascade-skipped one counts only with a cascade)."""
-        record = self.log.by_identity.get((tuple(key), sid))
-        return record is not None and (self.skip is not None or not record.get("skipped"))
-
     def _case_records(self, case_id: str, ids: Mapping[tuple[str, ...], str]) -> dict[tuple[str, ...], dict]:
         """This run's records of one case written so far (for the cascade predicate)."""
         out = {}
@@ -388,32 +350,16 @@ class Evaluator(SanityChecks):
         metrics["flip_rate"] = flip_rate(clean_pred[target.label], pred)
         metrics["kind"] = "whitebox" if source.label == target.label else "transfer"
         if self.bands:
-            filtered = band_filtered_inputs(image[0], adversarial[0], self.bands)
-            metrics["freq_dice"] = {
-                name: dice_mean(
-                    self._counted(self.stats.score_passes, lambda x=x: self.predict(target, x[None]), cost).argmax(1)[
-                        0
-                    ],
-                    label[0, 0],
-                    target.num_classes,
-                )
-                for name, x in filtered.items()
-            }
+            metrics["freq_dice"] = {}
+            for name, x in band_filtered_inputs(image[0], adversarial[0], self.bands).items():
+                logits = self._counted(self.stats.score_passes, lambda x=x: self.predict(target, x[None]), cost)
+                metrics["freq_dice"][name] = dice_mean(logits.argmax(1)[0], label[0, 0], target.num_classes)
         if self.montage is not None:
             volumes = (image[0], adversarial[0], label[0], clean_pred[target.label], pred)
             path = self.montage(source, target, spec, case_id, *volumes, settings_id=settings_id)
             if path is not None:
                 metrics["montage"] = str(path)
         return metrics
-
-    def settings_id(self, key: tuple[str, ...]) -> str | None:
-        """The identity hash this run expects for ``key`` (known once its case has been read), else None."""
-        return self.expected.get(tuple(key))
-
-    def done(self, key: tuple[str, ...]) -> bool:
-        """Whether ``key`` has a record made with the current settings (its case must have been read)."""
-        sid = self.settings_id(key)
-        return sid is not None and self.log.done(tuple(key), sid)
 
     def _write(self, key: tuple[str, ...], settings_id: str, fields: Mapping[str, Any]) -> None:
         source, target, attack, budget, case_id = key
