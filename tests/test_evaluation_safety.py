@@ -234,3 +234,18 @@ def test_cascade_predicate_records_skipped_results(tmp_path):
     assert "skipped" not in records[("pgd", "c0")] and records[("pgd", "c0")]["dice"]
     assert ("c1", "pgd", ["clean", "fgsm"]) in seen
     assert not list((tmp_path / "cascade" / "adversarial" / "bn" / "pgd").rglob("c1-*.nii.gz"))
+
+
+def test_read_only_output_location_is_refused(tmp_path, monkeypatch):
+    """As root every directory is writable, so the permission answer is simulated: the check must ask and refuse."""
+    asked = []
+    monkeypatch.setattr(validate.os, "access", lambda path, mode: asked.append(path) or False)
+    with pytest.raises(ConfigError, match="is not writable by this user"):
+        validate.output_location(tmp_path / "out")
+    assert asked == [tmp_path]
+
+
+def test_make_output_dir_turns_os_errors_into_config_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot create it"):
+        validate.make_output_dir(tmp_path / "file" / "out")
