@@ -17,7 +17,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	# nnunet-test: nnunetv2 for tests/test_external_nnunet.py; torch pinned to the one installed above, or
+	# torchvision (pulled by nnunetv2) would replace a CPU torch with the newest CUDA build
+	$(BIN)/pip install --quiet -e ".[dev,nnunet-test]" "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')"
 	# the real LiTS-117 CT; --no-deps because the package pins an ancient torch
 	$(BIN)/pip install --quiet --no-deps "liver-ct-segmentation-package==1.6.0"
 	touch $(STAMP)
