@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from robustseg.config import load_config
 from robustseg.errors import CheckpointError, ConfigError
 from robustseg.evaluation import evaluate
+from robustseg.evaluation.lock import OutputLock, OutputLockedError, held
 from robustseg.evaluation.records import read_records
 from robustseg.evaluation.resolve import load_checkpoint, resolve_model
 from robustseg.evaluation.shard import log_path
@@ -216,6 +217,11 @@ def test_kill_9_mid_run_loses_nothing_and_matches_an_uninterrupted_run(workspace
         if path.exists() and path.read_bytes().count(b"\n") >= 4:
             break
         time.sleep(0.05)  # polling the child's progress; no assertion depends on timing
+    lock = out / ".lock.shard-0-of-1"
+    if proc.poll() is None:  # while the child runs, a second evaluation of the same output fails at once
+        assert held(lock)["pid"] == proc.pid
+        with pytest.raises(OutputLockedError, match=f"pid {proc.pid}"):
+            OutputLock(lock).acquire()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(read_records(path))
