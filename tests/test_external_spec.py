@@ -159,3 +159,25 @@ def test_torch_export_program_static_and_dynamic(tmp_path):
     model = load_external(write(tmp_path / "d.yaml", "export: dyn.pt2\nnum_classes: 3\nroi_size: [24, 24, 24]\n"))
     y = torch.rand(1, 1, 24, 24, 24)
     torch.testing.assert_close(model.net(y), net(y), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ("in_channels: 2\n", r"in_channels=2.*in_channels=1"),
+        ("spacing: [2.0, 2.0, 2.0]\n", r"spacing"),
+        ("orientation: LPS\n", r"orientation"),
+        ("class_names: [bg, liver, spleen]\n", r"trained for classes"),
+        ("intensity: {a_min: -100.0, a_max: 200.0}\n", r"intensity"),
+    ],
+)
+def test_model_is_checked_against_the_data_before_any_work(tmp_path, extra, match):
+    from robustseg.config import load_config
+    from robustseg.evaluation import evaluate
+
+    torch.jit.trace(tiny_unet(), torch.rand(2, 1, 16, 16, 16)).save(str(tmp_path / "m.ts"))
+    spec = write(tmp_path / "m.yaml", f"torchscript: m.ts\nnum_classes: 3\nroi_size: {ROI}\n" + extra)
+    overrides = ["data=synthetic", "logger=none", f"data.root={tmp_path / 'nodata'}", f"target=[{spec}]"]
+    with pytest.raises((CheckpointError, ConfigError), match=match):
+        evaluate(load_config("evaluate", [*overrides, f"output_dir={tmp_path / 'out'}"]))
+    assert not (tmp_path / "nodata").exists()  # refused before the data was prepared

@@ -192,5 +192,5 @@ def load_bundle(text: str) -> LoadedModel:
             "adapter": adapter.describe(),
             "input_units": {**mapped.intensity.units(), "unit": mapped.unit},
         },
-        preprocessing=mapped.preprocessing or None,
+        preprocessing={**mapped.preprocessing, "in_channels": int(in_channels or 1)},
     )

@@ -113,11 +113,12 @@ def load_external(spec_path: str | Path, label: str | None = None) -> LoadedMode
             "adapter": adapted.describe(),
             "input_units": input_units(adapted, spec.input.get("unit")),
         },
-        preprocessing=expected_preprocessing(spec.raw),
+        preprocessing={"in_channels": spec.in_channels, **(expected_preprocessing(spec.raw) or {})},
     )
 
 
 def expected_preprocessing(raw: dict) -> dict | None:
-    """The data preprocessing the model's files state (checked against the evaluated data's)."""
+    """The data preprocessing the model's files state, checked against the evaluated data's (``check_preprocessing``:
+    a mismatch in channels, intensity, spacing or orientation fails naming both values)."""
     out = {k: raw[k] for k in ("modality", "intensity", "spacing", "orientation") if raw.get(k) is not None}
     return out or None

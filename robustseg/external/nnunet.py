@@ -256,5 +256,5 @@ def load_nnunet(text: str) -> LoadedModel:
                 "roi_weight_map": importance_map(config["patch_size"]).permute(*adapter.spatial.inverse),
             },
         },
-        preprocessing={**expected, "spacing": spacing},
+        preprocessing={**expected, "spacing": spacing, "in_channels": in_channels},
     )
