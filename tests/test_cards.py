@@ -135,10 +135,12 @@ def test_write_cards_round_trip(tmp_path):
     out.mkdir()
     (out / "report.md").write_text("# report\n")
     models = [_model(tmp_path, "cnn", CLEAN_CFG), _model(tmp_path, "ghost", CLEAN_CFG)]  # ghost: no rows
-    paths = write_cards(out, _rows(), models, [], {}, {"data": "lits117 (validation, 2 case(s) in this run)"})
+    settings = {"data": "lits117 (validation, 2 case(s) in this run)", "sliding window": {"overlap": 0.25}, "x": 1}
+    paths = write_cards(out, _rows(), models, [], {}, settings)
     assert [p.name for p in paths] == ["cnn.json"]
     card = load_card(paths[0])
     assert card.reports == {"report": "../report.md"} and card.cost.attack_forwards is None
+    assert card.evaluation == {"sliding window": {"overlap": 0.25}}  # what reproduces the numbers, not all settings
     assert dataset_of({"data": "mni152 (validation, 1 case(s))"}) == {"name": "mni152", "split": "validation"}
 
 

@@ -161,6 +161,7 @@ def build_card(
     labels: Sequence[str],
     reports: Mapping[str, str] | None = None,
     records: Sequence[Mapping[str, Any]] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> Card:
     """The card of one target.
 
@@ -174,6 +175,7 @@ def build_card(
         labels: every model label of the evaluation (to tell which flags concern this model).
         reports: report name -> path relative to the card.
         records: the evaluation's per-case records (optional): per-target and per-threat-model passes.
+        evaluation: the evaluation settings worth repeating on the card (sliding window, attack_mode, seed, ...).
 
     Raises:
         CardError: the assembled card does not validate (a bug or a row without Dice), naming the field.
@@ -223,6 +225,7 @@ def build_card(
         "unreliable": bool(raised),
         "unreliable_reason": "; ".join(f"{f['name']}: {f['detail']}" for f in raised) or None,
         "reports": dict(reports or {}),
+        "evaluation": dict(evaluation or {}),
     }
     return validate_card(json.loads(json.dumps(card, default=str)), f"card of {label}")
 
@@ -261,7 +264,7 @@ def write_cards(
     for model, label in zip(models, labels):
         if not any(r["target"] == label and r["attack"] == CLEAN for r in rows):
             continue
-        card = build_card(model, rows, flags, costs, dataset, labels, reports, records)
+        card = build_card(model, rows, flags, costs, dataset, labels, reports, records, evaluation_of(settings))
         path = out_dir / "cards" / card_filename(label)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
@@ -269,6 +272,14 @@ def write_cards(
         tmp.replace(path)
         paths.append(path)
     return paths
+
+
+EVALUATION_KEYS = ("attack_mode", "sliding window", "NSD tolerance (mm)", "seed", "threat model", "attacks")
+
+
+def evaluation_of(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation settings a card repeats (what a reader needs to reproduce its numbers)."""
+    return {k: settings[k] for k in EVALUATION_KEYS if k in settings}
 
 
 def dataset_of(settings: Mapping[str, Any]) -> dict[str, str]:

@@ -182,6 +182,7 @@ class Card(_Strict):
     unreliable: bool
     unreliable_reason: str | None
     reports: dict[str, str]  # name -> path relative to the card (report.md, summary.json)
+    evaluation: dict[str, Any] = Field(default_factory=dict)  # settings: sliding window, attack_mode, seed, ...
 
     @model_validator(mode="after")
     def _reason_when_unreliable(self) -> Card:
