@@ -103,7 +103,9 @@ def zoo_models() -> dict[str, Path]:
 
 def run_evaluation(out: Path, overrides: list[str]) -> Path:
     cfg = load_config(
-        "evaluate", ["data=lits117", f"runs_root={RUNS}", f"output_dir={out}", "frequency.bands=null", *overrides]
+        "evaluate",
+        ["data=lits117", f"runs_root={RUNS}", f"output_dir={out}", "frequency.bands=null", "sw.overlap=0.25"]
+        + overrides,
     )
     return evaluate(cfg)
 

@@ -9,11 +9,11 @@ Evaluations (``robustseg.evaluation.evaluate``; each writes a card per target mo
   on the clean CNN and transformer, when ``conf/suite/reliable.yaml`` exists;
 * ``mni152``: FGSM, PGD, VAFA white-box on the brain pair and by transfer from its clean model.
 
-Settings are small so this runs on a CPU (``--steps``, default 5; the papers use 20; ``--reliable-steps``, default
-10; the suite's fixed setting is 100). The full outputs stay in ``runs/zoo_eval/<name>``; the light ones
-(``report.md``, ``summary.json``/``.csv``, plots, ``cards/``) are copied to ``zoo/eval/<name>/`` (committed), each
-zoo model's card of the main evaluation of its dataset to ``zoo/<model>/card.json``, and ``LEADERBOARD.md`` is
-rendered from every card in ``zoo/eval``.
+Settings are small so this runs on a busy CPU (``--steps``, default 3, the papers use 20; ``--overlap`` 0.25;
+``--reliable-steps``, default 10, the suite's fixed setting is 100). The full outputs stay in
+``runs/zoo_eval/<name>``; the light ones (``report.md``, ``summary.json``/``.csv``, plots, ``cards/``) are copied
+to ``zoo/eval/<name>/`` (committed), each zoo model's card of the main evaluation of its dataset to
+``zoo/<model>/card.json``, and ``LEADERBOARD.md`` is rendered from every card in ``zoo/eval``.
 
 Usage::
 
@@ -99,7 +99,8 @@ def publish_model_cards(name: str, models: tuple[str, ...]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="run only these evaluations (default: all)")
-    parser.add_argument("--steps", type=int, default=5, help="PGD and VAFA steps")
+    parser.add_argument("--steps", type=int, default=3, help="PGD and VAFA steps")
+    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (scoring and crafting)")
     parser.add_argument("--reliable-steps", type=int, default=10, help="APGD steps of each reliable-suite member")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "zoo_eval", help="full evaluation outputs")
     args = parser.parse_args(argv)
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.only and name not in args.only:
             continue
         out = args.runs / name
-        cfg = load_config("evaluate", [*overrides, f"output_dir={out}", "frequency.bands=null", "logger=none"])
+        overrides = [*overrides, f"output_dir={out}", "frequency.bands=null", "logger=none"]
+        overrides.append(f"sw.overlap={args.overlap}")
+        cfg = load_config("evaluate", overrides)
         log.info("evaluation %s: %s", name, " ".join(overrides))
         evaluate(cfg)
         keep(out, ZOO / "eval" / name)
