@@ -17,6 +17,7 @@ Usage::
 
     python scripts/train_zoo.py                       # every entry not yet exported, in order
     python scripts/train_zoo.py unet_small-lits117-clean --runs runs/zoo --zoo zoo
+    python scripts/train_zoo.py unet_small-lits117-clean --export-only   # a run stopped by hand: its best so far
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ PGD_AT = ["--adv", "pgd", "attack.eps=4/255", "attack.step_size=2/255", "attack.
 # name -> (overrides, clean sibling whose weights a PGD entry starts from)
 ZOO: dict[str, tuple[list[str], str | None]] = {
     "unet_small-lits117-clean": (["data=lits117", "model=unet_small", "trainer.max_epochs=30"], None),
-    "unetr_small-lits117-clean": (["data=lits117", "model=unetr_small", "trainer.max_epochs=30"], None),
+    "unetr_small-lits117-clean": (["data=lits117", "model=unetr_small", "trainer.max_epochs=6"], None),
     "unet_small-lits117-pgd": (
-        ["data=lits117", "model=unet_small", "trainer.max_epochs=3", *PGD_AT],
+        ["data=lits117", "model=unet_small", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", *PGD_AT],
         "unet_small-lits117-clean",
     ),
     "unetr_small-lits117-pgd": (
-        ["data=lits117", "model=unetr_small", "trainer.max_epochs=3", *PGD_AT],
+        ["data=lits117", "model=unetr_small", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", *PGD_AT],
         "unetr_small-lits117-clean",
     ),
     "unet_small-mni152-clean": (["data=mni152", "model=unet_small", "trainer.max_epochs=6"], None),
@@ -154,12 +155,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "zoo", help="training run directories")
     parser.add_argument("--zoo", type=Path, default=ROOT / "zoo", help="export folder (committed)")
     parser.add_argument("--force", action="store_true", help="retrain entries that are already exported")
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="export the named entries' existing runs (e.g. a run stopped by hand) without training",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     unknown = [n for n in args.names if n not in ZOO]
     if unknown:
         raise SystemExit(f"unknown zoo entries {unknown}; known: {list(ZOO)}")
     for name in args.names or list(ZOO):
+        if args.export_only:
+            export(args.runs / name, args.zoo / name, args.runs / f"{name}.log")
+            continue
         if (args.zoo / name / "checkpoints" / "best.ckpt").is_file() and not args.force:
             log.info("%s is already exported; --force retrains it", name)
             continue
