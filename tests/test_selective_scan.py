@@ -75,6 +75,27 @@ def test_chunked_matches_sequential_values_and_all_gradients(length, chunk_size,
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize(
+    "absent", [("D",), ("z",), ("delta_bias",), ("D", "z", "delta_bias")], ids=lambda a: "no-" + "-".join(a)
+)
+@pytest.mark.parametrize("softplus", [True, False])
+def test_optional_skip_gate_bias_and_softplus(absent, softplus):
+    """The skip D, the gate z, the bias and the softplus are optional, as in selective_scan_fn."""
+    args = scan_inputs(2, 3, 2, 50, seed=9)
+    if not softplus:  # step sizes must then be positive by themselves
+        args["delta"] = args["delta"].detach().abs().requires_grad_()
+        args["delta_bias"] = args["delta_bias"].detach().abs().requires_grad_()
+    kept = {k: v for k, v in args.items() if k not in absent}
+    weight = torch.randn(2, 3, 50, dtype=torch.float64)
+    y = selective_scan(**kept, delta_softplus=softplus, chunk_size=16, sub_chunk=4)
+    y_ref = selective_scan_sequential(**kept, delta_softplus=softplus)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((y * weight).sum(), list(kept.values()))
+    grads_ref = torch.autograd.grad((y_ref * weight).sum(), list(kept.values()))
+    for name, got, ref in zip(kept, grads, grads_ref):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
 def test_sequential_reference_matches_the_written_out_recurrence():
     args = scan_inputs(2, 4, 3, 25, seed=3)
     torch.testing.assert_close(selective_scan_sequential(**args, delta_softplus=True), naive_scan(**args))

@@ -165,62 +165,89 @@ def _sub_chunk_starts(delta: Tensor, A_t: Tensor, h0: Tensor, decay: Tensor, dri
     return torch.stack(starts)  # (c, b, n, d)
 
 
-class _SelectiveScan(torch.autograd.Function):
-    """``y_t = <C_t, h_t>`` (b, d, l) with chunk-bounded memory; the backward recomputes each chunk's states.
+def _gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Position-major ``(y + D u) * silu(z)`` (..., d); also returns ``y + D u`` when there is a gate."""
+    pre = y if D is None else torch.addcmul(y, u, D)
+    return (pre, None) if z is None else (pre * F.silu(z), pre)
 
-    Chunk-sized buffers are allocated once per call and reused: fresh multi-megabyte allocations on CPU cost page
-    faults that outweigh the arithmetic.
+
+class _SelectiveScan(torch.autograd.Function):
+    """``(<C_t, h_t> + D u_t) * silu(z_t)`` (b, d, l) with chunk-bounded memory, as ``selective_scan_fn``.
+
+    Saves only its inputs and every sub-chunk's initial state; the backward recomputes each chunk's states, the
+    discretised step sizes and the pre-gate output. Chunk-sized buffers are allocated once per call and reused:
+    fresh multi-megabyte allocations on CPU cost page faults that outweigh the arithmetic.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, chunk_size: int, sub: int):  # noqa: D102 - see the class docstring
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, chunk_size: int, sub: int):  # noqa: D102
         dtype = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype, B.dtype) else torch.float32
         b, d, length = u.shape
         n = A.shape[1]
         layout = _layout(length, chunk_size, sub)
         _, sub_len, per_chunk = layout
-        A_t = A.to(dtype).T.contiguous()  # (n, d)
-        delta_p = _by_position(delta, layout, dtype)  # (J, T, c, b, d)
-        du_p = delta_p * _by_position(u, layout, dtype)  # (J, T, c, b, d)
-        B_p, C_p = _by_position(B, layout, dtype), _by_position(C, layout, dtype)  # (J, T, c, b, n) each
         rows = sub_len * per_chunk * b
+        A_t = A.to(dtype).T.contiguous()  # (n, d)
+        delta_p = _by_position(_prepare_delta(delta.to(dtype), delta_bias, softplus), layout, dtype)  # (J, T, c, b, d)
+        u_p = _by_position(u, layout, dtype)  # (J, T, c, b, d)
+        du_p = delta_p * u_p
+        B_p, C_p = _by_position(B, layout, dtype), _by_position(C, layout, dtype)  # (J, T, c, b, n) each
+        z_p = None if z is None else _by_position(z, layout, dtype)  # (J, T, c, b, d)
+        D_c = None if D is None else D.to(dtype)
         decay, states = (u.new_empty(sub_len, per_chunk, b, n, d, dtype=dtype) for _ in range(2))
         h = u.new_zeros(b, n, d, dtype=dtype)
-        entering, ys = [], []
+        entering, outs = [], []
         for j in range(layout[0]):
             entering.append(_chunk_states(delta_p[j], du_p[j], B_p[j], A_t, h, decay, states))  # (c, b, n, d)
-            ys.append(torch.bmm(C_p[j].view(rows, 1, n), states.view(rows, n, d)))  # <C_t, h_t> (rows, 1, d)
+            y = torch.bmm(C_p[j].view(rows, 1, n), states.view(rows, n, d)).view(sub_len, per_chunk, b, d)  # <C, h>
+            outs.append(_gate(y, u_p[j], D_c, None if z_p is None else z_p[j])[0])  # (T, c, b, d)
             h = states[-1, -1].clone()  # padded steps keep the state: the last sub-chunk's last is the chunk's end
-        ctx.save_for_backward(u, delta, A, B, C, torch.stack(entering))
-        ctx.layout, ctx.dtype = layout, dtype
-        y = torch.stack(ys).view(layout[0], sub_len, per_chunk, b, d)  # (J, T, c, b, d)
-        return _from_position(y, length).to(u.dtype)  # (b, d, l)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(entering))
+        ctx.layout, ctx.dtype, ctx.softplus = layout, dtype, softplus
+        return _from_position(torch.stack(outs), length).to(u.dtype)  # (b, d, l)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):  # noqa: D102 - see the class docstring
-        u, delta, A, B, C, entering = ctx.saved_tensors  # entering: every sub-chunk's initial state (J, c, b, n, d)
+    def backward(ctx, grad_out):  # noqa: D102 - see the class docstring
+        u, delta, A, B, C, D, z, delta_bias, entering = ctx.saved_tensors  # entering: (J, c, b, n, d)
         layout, dtype = ctx.layout, ctx.dtype
-        need_A, need_B, need_C = ctx.needs_input_grad[2:5]
+        need = dict(zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), ctx.needs_input_grad[:8]))
         b, d, length = u.shape
         n = A.shape[1]
         n_chunks, sub_len, per_chunk = layout
         rows = sub_len * per_chunk * b
         A_t = A.to(dtype).T.contiguous()  # (n, d)
-        delta_p, u_p = _by_position(delta, layout, dtype), _by_position(u, layout, dtype)  # (J, T, c, b, d)
+        delta_full = _prepare_delta(delta.to(dtype), delta_bias, False)  # before softplus (b, d, l)
+        delta_p = _by_position(F.softplus(delta_full) if ctx.softplus else delta_full, layout, dtype)  # (J, T, c, b, d)
+        u_p = _by_position(u, layout, dtype)  # (J, T, c, b, d)
         B_p, C_p = _by_position(B, layout, dtype), _by_position(C, layout, dtype)  # (J, T, c, b, n)
-        gy_p = _by_position(grad_y, layout, dtype)  # (J, T, c, b, d)
+        z_p = None if z is None else _by_position(z, layout, dtype)  # (J, T, c, b, d)
+        gout_p = _by_position(grad_out, layout, dtype)  # (J, T, c, b, d)
+        D_c = None if D is None else D.to(dtype)
         du_p = delta_p * u_p
         grad_u, grad_delta = torch.empty_like(u_p), torch.empty_like(u_p)  # (J, T, c, b, d)
+        grad_z = None if z is None else torch.empty_like(u_p)
         grad_B, grad_C = torch.zeros_like(B_p), torch.zeros_like(C_p)  # (J, T, c, b, n)
         grad_A = torch.zeros_like(A_t)  # (n, d)
+        grad_D = u.new_zeros(d, dtype=dtype)
         decay, states, g = (u.new_empty(sub_len, per_chunk, b, n, d, dtype=dtype) for _ in range(3))
         carry = torch.zeros_like(entering[0, 0])  # exp(delta A) g at the next chunk's first position (b, n, d)
         for j in range(n_chunks - 1, -1, -1):
             starts = _chunk_states(delta_p[j], du_p[j], B_p[j], A_t, entering[j], decay, states)
 
+            # Through the gate and the skip: gy = dL/d<C_t, h_t>.
+            gy = gout_p[j]  # (T, c, b, d)
+            if z_p is not None:
+                y = torch.bmm(C_p[j].view(rows, 1, n), states.view(rows, n, d)).view(sub_len, per_chunk, b, d)
+                pre = _gate(y, u_p[j], D_c, None)[0]  # y + D u
+                sig = torch.sigmoid(z_p[j])
+                torch.mul(gy * pre, sig * (1 + z_p[j] * (1 - sig)), out=grad_z[j])  # silu'(z) = s (1 + z (1 - s))
+                gy = gy * (z_p[j] * sig)  # gout * silu(z)
+            if D_c is not None:
+                grad_D += (gy * u_p[j]).sum((0, 1, 2))
+
             # Adjoint g_t = dL/dh_t: g_t = C_t gy_t + decay_{t+1} g_{t+1}, in reverse, written over its drive.
-            torch.mul(gy_p[j][:, :, :, None, :], C_p[j][..., None], out=g)  # (T, c, b, n, d)
+            torch.mul(gy[:, :, :, None, :], C_p[j][..., None], out=g)  # (T, c, b, n, d)
             ends = [carry]  # decay * g flowing into each sub-chunk's last position from the right, last first
             if per_chunk > 1:
                 local = g[-1].clone()  # (c, b, n, d)
@@ -238,22 +265,31 @@ class _SelectiveScan(torch.autograd.Function):
 
             decay[1:] *= states[:-1]  # decay_t h_{t-1}
             decay[0] *= starts
-            if need_C:  # sum_d gy h, then the states buffer is scratch
-                grad_C[j] = torch.mul(states, gy_p[j][:, :, :, None, :], out=states).sum(-1)
+            if need["C"]:  # sum_d gy h, then the states buffer is scratch
+                grad_C[j] = torch.mul(states, gy[:, :, :, None, :], out=states).sum(-1)
             grad_dA = decay.mul_(g)  # dL/d(delta A)_t = g_t decay_t h_{t-1} (T, c, b, n, d)
             g_B = torch.bmm(B_p[j].view(rows, 1, n), g.view(rows, n, d)).view(sub_len, per_chunk, b, d)  # sum_n g B
             torch.mul(g_B, delta_p[j], out=grad_u[j])
-            if need_B:  # sum_d g delta u, then g is scratch
+            if D_c is not None:
+                grad_u[j].addcmul_(gy, D_c)
+            if need["B"]:  # sum_d g delta u, then g is scratch
                 grad_B[j] = torch.mul(g, du_p[j][:, :, :, None, :], out=g).sum(-1)
             torch.add(g_B.mul_(u_p[j]), torch.mul(grad_dA, A_t, out=states).sum(-2), out=grad_delta[j])
-            if need_A:
+            if need["A"]:
                 grad_A += torch.mul(grad_dA, delta_p[j][:, :, :, None, :], out=states).view(rows, n, d).sum(0)
+        grad_delta = _from_position(grad_delta, length)  # dL/d(discretised delta) (b, d, l)
+        if ctx.softplus:
+            grad_delta = grad_delta * torch.sigmoid(delta_full)
         return (
             _from_position(grad_u, length).to(u.dtype),
-            _from_position(grad_delta, length).to(delta.dtype),
-            grad_A.T.to(A.dtype) if need_A else None,
-            _from_position(grad_B, length).to(B.dtype) if need_B else None,
-            _from_position(grad_C, length).to(C.dtype) if need_C else None,
+            grad_delta.to(delta.dtype),
+            grad_A.T.to(A.dtype) if need["A"] else None,
+            _from_position(grad_B, length).to(B.dtype) if need["B"] else None,
+            _from_position(grad_C, length).to(C.dtype) if need["C"] else None,
+            grad_D.to(D.dtype) if need["D"] else None,
+            _from_position(grad_z, length).to(z.dtype) if need["z"] else None,
+            grad_delta.sum((0, 2)).to(delta_bias.dtype) if need["delta_bias"] else None,
+            None,
             None,
             None,
         )
@@ -277,9 +313,9 @@ def selective_scan(
     Memory is bounded by the chunk: three (chunk, b, d, n) buffers in the backward (two in the forward) plus the
     position-major copies of the (b, d, l) inputs, and one (b, d, n) state per sub-chunk kept from the forward
     (l / sub_chunk of them); nothing of size (l, b, d, n) is ever made. Computes in float32 (float64 when an input
-    is float64) whatever the input dtype, as the fused kernel does; returns u's dtype. Gradients flow to u, delta, A,
-    B and C (and through the plain autograd ops around the scan to D, z and delta_bias); double
-    backward is not supported.
+    is float64) whatever the input dtype, as the fused kernel does; returns u's dtype. Like the kernel, it applies
+    ``delta_bias``, the softplus, ``D`` and the ``silu(z)`` gate inside and keeps none of their intermediates: the
+    backward recomputes them with the states. Gradients flow to all eight inputs; double backward is not supported.
 
     Args:
         chunk_size: positions held in memory at once; the sequence is cut into ``ceil(l / chunk_size)`` chunks of
@@ -293,6 +329,5 @@ def selective_scan(
     _check(u, delta, A, B, C)
     if chunk_size < 1 or sub_chunk < 1:
         raise ValueError(f"selective_scan: chunk_size={chunk_size} and sub_chunk={sub_chunk} must be >= 1")
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)
-    y = _SelectiveScan.apply(u, delta, A, B, C, chunk_size, min(sub_chunk, chunk_size))  # (b, d, l)
-    return _finish(y, u, D, z)
+    sub = min(sub_chunk, chunk_size)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, sub)  # (b, d, l)
