@@ -146,7 +146,7 @@ def test_clean_prediction_agrees_with_nnunet_predictor(nnunet, mirror):
     cfg = load_config("evaluate", [*robustseg_data(nnunet, model), "logger=none"])
     datamodule = build_datamodule(cfg.data)
     dataset = datamodule.eval_dataset("validation")
-    for i in range(2 if mirror else 3):
+    for i in range(1 if mirror else 3):
         image, properties = SimpleITKIO().read_images([str(nnunet["raw"] / "imagesTr" / f"case{i}_0000.nii.gz")])
         reference = predictor.predict_single_npy_array(image, properties)  # (z, y, x): SimpleITK's axis order
         case = dataset[i]

@@ -181,3 +181,25 @@ def test_model_is_checked_against_the_data_before_any_work(tmp_path, extra, matc
     with pytest.raises((CheckpointError, ConfigError), match=match):
         evaluate(load_config("evaluate", [*overrides, f"output_dir={tmp_path / 'out'}"]))
     assert not (tmp_path / "nodata").exists()  # refused before the data was prepared
+
+
+def test_nnunet_target_parsing_and_region_labels(tmp_path):
+    from robustseg.external.nnunet import labels_of, parse_target
+
+    with pytest.raises(ConfigError, match="not an nnU-Net v2 trained model folder"):
+        parse_target(str(tmp_path))
+    (tmp_path / "plans.json").write_text("{}")
+    (tmp_path / "dataset.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"'folds=0' is not one of key=value"):
+        parse_target(f"{tmp_path},folds=0")
+    assert parse_target(f"{tmp_path},fold=all,checkpoint=best")[1] == {"fold": "all", "checkpoint": "best"}
+    brats = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing": [3]}
+    names, outputs, order = labels_of({"labels": brats, "regions_class_order": [1, 2, 3]})
+    assert (names, outputs, order) == (["background", "whole tumor", "tumor core", "enhancing"], 3, [1, 2, 3])
+    assert labels_of({"labels": {"background": 0, "liver": 1, "tumour": 2}}) == (
+        ["background", "liver", "tumour"],
+        3,
+        None,
+    )
+    with pytest.raises(CheckpointError, match="no regions_class_order"):
+        labels_of({"labels": brats})
