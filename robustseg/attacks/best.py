@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from robustseg.attacks.sea_losses import predicted
+
 
 def foreground_dice(logits: Tensor, labels: Tensor) -> Tensor:
     """Hard foreground Dice per volume ``(B,)``: the mean over classes ``1..K-1`` of ``2|P_k & G_k| / (|P_k| + |G_k|)``.
@@ -20,7 +22,7 @@ def foreground_dice(logits: Tensor, labels: Tensor) -> Tensor:
     :func:`robustseg.evaluation.metrics.dice_per_class`).
     """
     bs, k = logits.shape[:2]
-    pred = logits.detach().argmax(dim=1).flatten(1)  # (B, V)
+    pred = predicted(logits).flatten(1)  # (B, V)
     gold = labels[:, 0].flatten(1).to(pred.device).long()  # (B, V)
     offset = torch.arange(bs, device=pred.device)[:, None] * k  # class c of volume b -> bin b K + c
 
