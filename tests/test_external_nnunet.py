@@ -179,7 +179,7 @@ def test_attack_through_evaluate_lowers_dice(nnunet, tmp_path):
     from robustseg.evaluation import evaluate
     from robustseg.evaluation.resolve import resolve_model
 
-    target = f"nnunet:{nnunet['folder']}"
+    target = f"nnunet:{nnunet['folder']}:fold=all:checkpoint=final"  # ':' options survive the CLI's comma lists
     model = resolve_model(target, "runs", ["x"])
     overrides = [*robustseg_data(nnunet, model), "logger=none", f"output_dir={tmp_path}", f"target=[{target}]"]
     overrides += [

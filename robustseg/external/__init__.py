@@ -4,6 +4,7 @@ threat model in robustseg's [0, 1] space. Entry points: :func:`load_external` (a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from robustseg.evaluation.resolve import LoadedModel
@@ -23,6 +24,14 @@ def _bundle(spec: str) -> LoadedModel:
     return load_bundle(spec)
 
 
+def split_options(text: str) -> list[str]:
+    """``PATH`` and its ``key=value`` options, separated by ``,`` or ``:`` (``:`` survives the CLI's comma lists).
+
+    Only a separator followed by ``word=`` splits, so paths keep their other commas and colons.
+    """
+    return re.split(r"[,:](?=[A-Za-z_]\w*=)", text)
+
+
 PREFIXES: dict[str, Callable[[str], LoadedModel]] = {"nnunet": _nnunet, "bundle": _bundle}
 
 
@@ -32,4 +41,4 @@ def load_prefixed(spec: str) -> LoadedModel:
     return PREFIXES[prefix](rest)
 
 
-__all__ = ["PREFIXES", "AdaptedModel", "load_external", "load_prefixed", "observe_volume"]
+__all__ = ["PREFIXES", "AdaptedModel", "load_external", "load_prefixed", "observe_volume", "split_options"]

@@ -128,7 +128,9 @@ def load_bundle(text: str) -> LoadedModel:
     """Load a MONAI bundle folder as an adapted model; see the module docstring for the options."""
     from monai.bundle import ConfigParser
 
-    path, *pairs = text.split(",")
+    from robustseg.external import split_options
+
+    path, *pairs = split_options(text)
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

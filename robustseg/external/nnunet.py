@@ -62,8 +62,10 @@ def importance_map(patch: Sequence[int], sigma_scale: float = 1 / 8) -> Tensor:
 
 
 def parse_target(text: str) -> tuple[Path, dict[str, str]]:
-    """``PATH[,key=value...]`` -> (folder, options); unknown keys fail naming the known ones."""
-    path, *pairs = text.split(",")
+    """``PATH[,key=value...]`` (or ``:key=value``) -> (folder, options); unknown keys fail naming the known ones."""
+    from robustseg.external import split_options
+
+    path, *pairs = split_options(text)
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
