@@ -203,3 +203,15 @@ def test_nnunet_target_parsing_and_region_labels(tmp_path):
     )
     with pytest.raises(CheckpointError, match="no regions_class_order"):
         labels_of({"labels": brats})
+
+
+def test_adapter_settings_are_part_of_the_model_identity(tmp_path):
+    torch.jit.trace(tiny_unet(), torch.rand(2, 1, 16, 16, 16)).save(str(tmp_path / "m.ts"))
+    base = f"torchscript: m.ts\nnum_classes: 3\nroi_size: {ROI}\n"
+    plain = load_external(write(tmp_path / "a.yaml", base))
+    mirrored = load_external(write(tmp_path / "b.yaml", base + "tta: {mirror: [0]}\n"))
+    scaled = load_external(write(tmp_path / "c.yaml", base + "input: {scale: 2.0}\n"))
+    again = load_external(write(tmp_path / "d.yaml", base))
+    assert plain.extra["file_sha256"] == mirrored.extra["file_sha256"] == scaled.extra["file_sha256"]
+    assert len({plain.checkpoint_sha256, mirrored.checkpoint_sha256, scaled.checkpoint_sha256}) == 3
+    assert again.checkpoint_sha256 == plain.checkpoint_sha256

@@ -16,7 +16,9 @@ what is scored.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -279,6 +281,26 @@ class AdaptedModel(nn.Module):
             "axes": list(self.spatial.axes),
             "grid": list(self.spatial.size) if self.spatial.size else None,
         }
+
+
+def model_sha256(file_sha256: str, adapter: AdaptedModel) -> str:
+    """The model's identity: its weights' hash and every adapter setting (another adapter is another model).
+
+    Evaluation records are keyed by ``checkpoint_sha256``: with the file hash alone, a rerun with mirroring on, or
+    another input map, would reuse results computed without.
+    """
+    intensity = adapter.intensity
+    settings = {
+        **adapter.describe(),
+        "scale": [round(float(v), 9) for v in intensity.scale.flatten()],
+        "shift": [round(float(v), 9) for v in intensity.shift.flatten()],
+        "mask_nonzero": intensity.mask_nonzero,
+        "regions_class_order": adapter.regions_class_order,
+        "region_outputs": adapter.region_outputs,
+        "in_channels": adapter.in_channels,
+        "num_classes": adapter.num_classes,
+    }
+    return hashlib.sha256(json.dumps([file_sha256, settings], sort_keys=True).encode()).hexdigest()
 
 
 def observe_volume(net: nn.Module, volume: Tensor) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from robustseg.errors import CheckpointError, ConfigError
 from robustseg.evaluation.resolve import LoadedModel, _freeze, strict_load
 from robustseg.evaluation.store import file_sha256
-from robustseg.external.adapters import AdaptedModel, IntensityMap
+from robustseg.external.adapters import AdaptedModel, IntensityMap, model_sha256
 from robustseg.external.torchscript import load_torchscript
 from robustseg.external.weights import safe_load
 
@@ -179,6 +179,7 @@ def load_bundle(text: str) -> LoadedModel:
         adapter = AdaptedModel(net, int(num_classes), int(in_channels or 1), intensity=mapped.intensity, output=output)
     except ValueError as err:
         raise ConfigError(f"bundle:{text}: {err}") from err
+    digest = file_sha256(weights)
     return LoadedModel(
         label=f"bundle-{root.name}",
         net=_freeze(adapter),
@@ -187,9 +188,10 @@ def load_bundle(text: str) -> LoadedModel:
         in_channels=int(in_channels or 1),
         roi_size=tuple(roi),
         checkpoint=str(weights),
-        checkpoint_sha256=file_sha256(weights),
+        checkpoint_sha256=model_sha256(digest, adapter),  # weights + adapter settings
         class_names=names,
         extra={
+            "file_sha256": digest,
             "intensity": mapped.preprocessing.get("intensity"),
             "adapter": adapter.describe(),
             "input_units": {**mapped.intensity.units(), "unit": mapped.unit},

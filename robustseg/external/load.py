@@ -15,6 +15,7 @@ from torch import nn
 from robustseg.errors import CheckpointError, ConfigError
 from robustseg.evaluation.resolve import LoadedModel, _freeze, strict_load
 from robustseg.evaluation.store import file_sha256
+from robustseg.external.adapters import model_sha256
 from robustseg.external.python_entry import load_python
 from robustseg.external.spec import ExternalSpec, build_adapter, input_units, parse_spec
 from robustseg.external.torchscript import load_exported, load_torchscript
@@ -105,10 +106,11 @@ def load_external(spec_path: str | Path, label: str | None = None) -> LoadedMode
         in_channels=spec.in_channels,
         roi_size=tuple(spec.roi_size),
         checkpoint=str(weights),
-        checkpoint_sha256=digest,
+        checkpoint_sha256=model_sha256(digest, adapted),  # weights + adapter settings
         class_names=spec.class_names,
         data_name=spec.raw.get("data"),
         extra={
+            "file_sha256": digest,
             "intensity": spec.raw.get("intensity"),
             "adapter": adapted.describe(),
             "input_units": input_units(adapted, spec.input.get("unit")),

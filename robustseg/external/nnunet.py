@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from robustseg.errors import CheckpointError, ConfigError
 from robustseg.evaluation.resolve import LoadedModel, _freeze, strict_load
 from robustseg.evaluation.store import file_sha256
-from robustseg.external.adapters import AdaptedModel, IntensityMap, SpatialMap
+from robustseg.external.adapters import AdaptedModel, IntensityMap, SpatialMap, model_sha256
 from robustseg.external.weights import safe_load
 
 KEYS = ("fold", "configuration", "checkpoint", "mirror", "zscore")
@@ -233,6 +233,7 @@ def load_nnunet(text: str) -> LoadedModel:
     roi = [0, 0, 0]
     for i, a in enumerate(axes):
         roi[a] = int(config["patch_size"][i])
+    digest = file_sha256(ckpt_path)
     return LoadedModel(
         label=f"nnunet-{folder.parent.name}-{name}-fold{fold_dir.name[5:]}",
         net=_freeze(adapter),
@@ -241,9 +242,10 @@ def load_nnunet(text: str) -> LoadedModel:
         in_channels=in_channels,
         roi_size=tuple(roi),
         checkpoint=str(ckpt_path),
-        checkpoint_sha256=file_sha256(ckpt_path),
+        checkpoint_sha256=model_sha256(digest, adapter),  # weights + adapter settings
         class_names=names,
         extra={
+            "file_sha256": digest,
             "intensity": expected["intensity"],
             "adapter": adapter.describe(),
             "input_units": units,
