@@ -69,7 +69,7 @@ def check_target(target: Tensor, labels: Tensor, who: str = "attack") -> None:
     towards the truth only makes the prediction better."""
     if target.shape != labels.shape:
         raise ValueError(f"{who}: target map shape {tuple(target.shape)} != labels {tuple(labels.shape)}")
-    if bool((labels > 0).any()) and torch.equal(target.to(labels.device, labels.dtype), labels):
+    if bool((labels > 0).any()) and torch.equal(target.to(labels), labels):
         raise ValueError(
             f"{who}: the target map equals the true labels; a targeted attack would push towards the truth"
         )

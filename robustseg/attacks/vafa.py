@@ -32,9 +32,9 @@ from robustseg.registry import ATTACKS
 
 log = logging.getLogger(__name__)
 
-# init -> (where q starts, default q_min). "published": the authors' code starts every entry at q_max with q_min 5
-# (the only start under which the paper's q_max sweep changes anything); "paper": Algorithm 1 starts at 1, q_min 1.
-INITS: dict[str, tuple[str, float]] = {"published": ("q_max", 5.0), "paper": ("one", 1.0)}
+# init -> default q_min. "published": the authors' code starts every entry at q_max with q_min 5 (the only start
+# under which the paper's q_max sweep changes anything); "paper": Algorithm 1 starts at 1 with q_min 1.
+INITS: dict[str, float] = {"published": 5.0, "paper": 1.0}
 A_START = 0.1  # soft-rounding softness at the first step, annealed linearly towards 0 (published: 0.1 -> 1e-20)
 
 
@@ -111,7 +111,7 @@ class VAFA(Attack):
         if self.init not in INITS:
             raise ConfigError(f"{name}.init: expected one of {sorted(INITS)}, got {self.init!r}")
         if self.q_min is None:
-            object.__setattr__(self, "q_min", INITS[self.init][1])
+            object.__setattr__(self, "q_min", INITS[self.init])
         object.__setattr__(self, "q_min", parse_budget(self.q_min, "q_min", name))
         object.__setattr__(self, "q_max", parse_budget(self.q_max, "q_max", name))
         if not 0 < self.q_min <= self.q_max:
@@ -139,7 +139,7 @@ class VAFA(Attack):
     @property
     def start(self) -> float:
         """The value every table entry starts at."""
-        value = 1.0 if INITS[self.init][0] == "one" else self.q_max
+        value = self.q_max if self.init == "published" else 1.0
         return min(max(value, self.q_min), self.q_max)  # type: ignore[type-var]
 
     def describe(self) -> str:
