@@ -195,3 +195,12 @@ def test_spatial_axes_must_be_a_permutation():
     for axes in itertools.permutations(range(3)):
         y = SpatialMap(axes).from_model(SpatialMap(axes).to_model(X), X.shape[2:])
         assert torch.equal(y, X)
+
+
+def test_budget_in_model_units():
+    from robustseg.external import budget_in_units
+
+    assert budget_in_units({"scale": [425.0], "unit": "HU"}, 8 / 255) == "13.33 HU"
+    nnunet = {"scale": [5.0], "unit": "nnU-Net CTNormalization z-units", "hu_per_unit": 190.0}
+    assert budget_in_units(nnunet, 8 / 255) == "0.1569 nnU-Net CTNormalization z-units (6.0 HU)"
+    assert budget_in_units({"scale": None, "unit": "per volume"}, 8 / 255) is None

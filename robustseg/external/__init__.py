@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 
 from robustseg.evaluation.resolve import LoadedModel
-from robustseg.external.adapters import AdaptedModel, observe_volume
+from robustseg.external.adapters import AdaptedModel, budget_in_units, observe_volume
 from robustseg.external.load import load_external
 
 
@@ -41,4 +41,12 @@ def load_prefixed(spec: str) -> LoadedModel:
     return PREFIXES[prefix](rest)
 
 
-__all__ = ["PREFIXES", "AdaptedModel", "load_external", "load_prefixed", "observe_volume", "split_options"]
+__all__ = [
+    "PREFIXES",
+    "AdaptedModel",
+    "budget_in_units",
+    "load_external",
+    "load_prefixed",
+    "observe_volume",
+    "split_options",
+]

@@ -283,6 +283,20 @@ class AdaptedModel(nn.Module):
         }
 
 
+def budget_in_units(input_units: dict[str, Any] | None, eps: float) -> str | None:
+    """A budget ``eps`` in [0, 1] units stated in the model's input units (``LoadedModel.extra["input_units"]``).
+
+    ``"0.1660 nnU-Net CTNormalization z-units (6.0 HU)"``; None when the scale is per volume or unknown.
+    """
+    if not input_units or not input_units.get("scale"):
+        return None
+    values = sorted({round(eps * float(s), 4) for s in input_units["scale"]})
+    text = "/".join(f"{v:.4g}" for v in values) + f" {input_units.get('unit', 'model input units')}"
+    if input_units.get("hu_per_unit"):
+        text += f" ({eps * float(input_units['hu_per_unit']):.1f} HU)"
+    return text + (" of this volume" if input_units.get("per_volume") else "")
+
+
 def model_sha256(file_sha256: str, adapter: AdaptedModel) -> str:
     """The model's identity: its weights' hash and every adapter setting (another adapter is another model).
 
