@@ -6,7 +6,7 @@ Evaluations (``robustseg.evaluation.evaluate``; each writes a card per target mo
 * ``lits117-from-unetr``: the same attacks crafted on the clean transformer, scored on the CNNs (the other
   direction of the transfer between families);
 * ``lits117-reliable``: the reliable suite (APGD with SEA's three losses, ``--suite reliable``) white-box at 8/255
-  on the clean CNN and transformer, when ``conf/suite/reliable.yaml`` exists;
+  on the clean and the PGD-trained CNN, when ``conf/suite/reliable.yaml`` exists;
 * ``mni152``: FGSM, PGD, VAFA white-box on the brain pair and by transfer from its clean model.
 
 Settings are small so this runs on a busy CPU (``--steps``, default 3, the papers use 20; ``--overlap`` 0.25;
@@ -64,7 +64,7 @@ def plan(steps: int, reliable_steps: int) -> dict[str, list[str]]:
     if (CONF_DIR / "suite" / "reliable.yaml").is_file():
         evaluations["lits117-reliable"] = [
             "data=lits117",
-            targets((CNN, VIT)),
+            targets((CNN, LITS[2])),
             "--suite=reliable",
             "attacks=[]",
             "--eps=8/255",
