@@ -148,10 +148,10 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], n_cases: int) -> str:
     head = (
         "| model | budget | clean | PGD-20 | SegPGD-20 | CosPGD-20 | papers: worst/case | APGD-mCE | APGD-bCE | "
-        "APGD-JS | reliable: worst/case | pooled greedy papers / reliable | passes papers (fwd/bwd) | "
+        "APGD-JS | APGD-DiceCE | reliable: worst/case | pooled greedy papers / reliable | passes papers (fwd/bwd) | "
         "passes reliable (fwd/bwd) |"
     )
-    lines = [head, "|" + " --- |" * 14]
+    lines = [head, "|" + " --- |" * 15]
     for r in rows:
         cells = [
             r["model"],
@@ -159,7 +159,7 @@ def markdown(rows: list[dict[str, Any]], n_cases: int) -> str:
             f"{r['clean']:.3f}",
             *(f"{r[a]:.3f}" for a in ("pgd", "segpgd", "cospgd")),
             f"**{r['worst papers']:.3f}**",
-            *(f"{r[a]:.3f}" for a in ("apgd_mce", "apgd_bce", "apgd_js")),
+            *(f"{r[a]:.3f}" for a in ("apgd_mce", "apgd_bce", "apgd_js", "apgd_dce")),
             f"**{r['worst reliable']:.3f}**",
             f"{r['pooled papers']:.3f} / {r['pooled reliable']:.3f}",
             "{} / {}".format(*r["passes papers"]),

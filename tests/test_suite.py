@@ -16,9 +16,9 @@ CONF = Path(__file__).parents[1] / "conf"
 def test_reliable_suite_is_fixed_and_documented():
     specs = build_suite([], ["4/255", "8/255"], None, CONF, suites=["reliable"])
     assert [(s.label, s.budget) for s in specs] == [
-        (label, budget) for label in ("apgd_mce", "apgd_bce", "apgd_js") for budget in ("4/255", "8/255")
+        (label, budget) for label in ("apgd_mce", "apgd_bce", "apgd_js", "apgd_dce") for budget in ("4/255", "8/255")
     ]
-    assert {s.config["loss"] for s in specs} == {"masked_ce", "masked_balanced_ce", "js"}
+    assert {s.config["loss"] for s in specs} == {"masked_ce", "masked_balanced_ce", "js", "dice_ce"}
     for spec in specs:
         assert spec.group == "reliable" and not spec.cascade
         assert spec.config["name"] == "apgd" and spec.config["steps"] == 100
@@ -29,16 +29,25 @@ def test_reliable_suite_is_fixed_and_documented():
 
 def test_papers_suite_alongside_presets_and_cascade():
     specs = build_suite(["fgsm", "pgd"], ["8/255"], None, CONF, suites=["papers", "reliable"], cascade=True)
-    assert [s.label for s in specs] == ["fgsm", "pgd", "segpgd", "cospgd", "apgd_mce", "apgd_bce", "apgd_js"]
+    assert [s.label for s in specs] == [
+        "fgsm",
+        "pgd",
+        "segpgd",
+        "cospgd",
+        "apgd_mce",
+        "apgd_bce",
+        "apgd_js",
+        "apgd_dce",
+    ]
     groups = {s.label: s.group for s in specs}
     assert groups["fgsm"] is None and groups["pgd"] == "papers" and groups["apgd_js"] == "reliable"
-    assert [s.cascade for s in specs] == [False] + [True] * 6  # only suite members are ever skipped
+    assert [s.cascade for s in specs] == [False] + [True] * 7  # only suite members are ever skipped
     assert all(s.config["steps"] == 20 for s in specs if s.group == "papers")
 
 
 def test_overrides_reach_members_by_label_or_preset():
     specs = build_suite([], ["4/255"], None, CONF, {"apgd": {"steps": 7}, "apgd_js": {"steps": 5}}, suites=["reliable"])
-    assert {s.label: s.config["steps"] for s in specs} == {"apgd_mce": 7, "apgd_bce": 7, "apgd_js": 5}
+    assert {s.label: s.config["steps"] for s in specs} == {"apgd_mce": 7, "apgd_bce": 7, "apgd_js": 5, "apgd_dce": 7}
 
 
 def test_override_for_an_attack_not_in_the_suite_is_named():
@@ -102,5 +111,5 @@ def test_loaded_suite_content_as_from_the_config_group():
 
     cfg = load_config("evaluate", [*expand_flags("evaluate", ["--suite", "reliable"]), "logger=none"])
     loaded = build_suite([], ["4/255"], None, CONF, suites=[OmegaConf.to_container(cfg.suite, resolve=True)])
-    assert [s.label for s in loaded] == ["apgd_mce", "apgd_bce", "apgd_js"]
+    assert [s.label for s in loaded] == ["apgd_mce", "apgd_bce", "apgd_js", "apgd_dce"]
     assert load_config("evaluate", ["logger=none"]).suite is None
