@@ -18,13 +18,18 @@ Methods 2021; facts in ``docs/external_models.md``):
 * Axes: nnU-Net works on SimpleITK arrays, (z, y, x) of the stored voxels, transposed by ``transpose_forward``;
   robustseg's volumes are (x, y, z): the adapter permutes them. The configuration's spacing is the expected
   ``data.spacing``; its patch size is the sliding-window ROI; nnU-Net's window (Gaussian, sigma 1/8, step 0.5) is
-  robustseg's default ``sw`` settings. ``mirror=true`` adds nnU-Net's test-time mirroring (about 8x the cost).
+  robustseg's default ``sw`` settings, and nnU-Net's exact Gaussian is ``extra["sliding_window"]["roi_weight_map"]``.
+  ``mirror=true`` adds nnU-Net's test-time mirroring (about 8x the cost), attacked as an expectation.
+* Region-based models (``regions_class_order``) are scored with nnU-Net's region rule
+  (:func:`~robustseg.external.adapters.region_scores`); a custom trainer whose network the plans do not describe
+  fails naming the trainer and the class or the weights that do not fit.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,8 @@ from robustseg.evaluation.resolve import LoadedModel, _freeze, strict_load
 from robustseg.evaluation.store import file_sha256
 from robustseg.external.adapters import AdaptedModel, IntensityMap, SpatialMap, model_sha256
 from robustseg.external.weights import safe_load
+
+log = logging.getLogger(__name__)
 
 KEYS = ("fold", "configuration", "checkpoint", "mirror", "zscore")
 SUPPORTED_NORMALIZATION = ("CTNormalization", "ZScoreNormalization")
@@ -193,6 +200,8 @@ def load_nnunet(text: str) -> LoadedModel:
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise CheckpointError(f"{ckpt_path}: not an nnU-Net v2 checkpoint (no network_weights)")
     trainer = str(ckpt.get("trainer_name", "?"))
+    if not trainer.startswith("nnUNetTrainer"):
+        log.warning("nnunet: trainer %r is not one of nnU-Net's; its network is rebuilt from plans.json", trainer)
     name = (
         options.get("configuration")
         or (ckpt.get("init_args") or {}).get("configuration")
