@@ -89,11 +89,13 @@ class SlidingWindowModel(nn.Module):
         sw_batch_size: int = 2,
         blend_mode: str = "gaussian",
         memory_bounded: bool = False,
+        roi_weight_map: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.roi = _roi(roi_size)
         self.overlap, self.sw_batch_size, self.blend_mode = overlap, sw_batch_size, blend_mode
+        self.roi_weight_map = roi_weight_map  # (rd, rh, rw) blending weights replacing MONAI's map, e.g. nnU-Net's
         self.memory_bounded = memory_bounded
         self.train(model.training)  # so that restoring this wrapper's mode restores the model's
 
@@ -107,6 +109,7 @@ class SlidingWindowModel(nn.Module):
             overlap=self.overlap,
             mode=self.blend_mode,
             sigma_scale=SIGMA_SCALE,
+            roi_weight_map=self.roi_weight_map,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,13 +121,13 @@ class SlidingWindowModel(nn.Module):
         """MONAI's window slices, importance map ``(1, 1, *roi)`` and summed weights ``(1, 1, *image_size)``,
         computed as ``sliding_window_inference`` computes them (same calls, device, dtype and order)."""
         slices = dense_patch_slices(image_size, self.roi, _scan_interval(image_size, self.roi, self.overlap))
-        importance = compute_importance_map(
-            get_valid_patch_size(image_size, self.roi),
-            mode=self.blend_mode,
-            sigma_scale=SIGMA_SCALE,
-            device=like.device,
-            dtype=like.dtype,
-        )[None, None]  # (1, 1, rd, rh, rw)
+        valid = get_valid_patch_size(image_size, self.roi)
+        if self.roi_weight_map is not None and tuple(valid) == tuple(self.roi):  # as MONAI: the given map
+            importance = self.roi_weight_map.to(device=like.device, dtype=like.dtype).reshape(1, 1, *self.roi)
+        else:
+            importance = compute_importance_map(
+                valid, mode=self.blend_mode, sigma_scale=SIGMA_SCALE, device=like.device, dtype=like.dtype
+            )[None, None]  # (1, 1, rd, rh, rw)
         count = torch.zeros(1, 1, *image_size, dtype=like.dtype, device=like.device)
         for window in slices:  # same accumulation order as MONAI, so the same float sums
             count[(slice(None), slice(None), *window)] += importance
@@ -255,6 +258,7 @@ def attack_volume(
     blend_mode: str = "gaussian",
     target: Tensor | None = None,
     num_classes: int | None = None,
+    roi_weight_map: Tensor | None = None,
 ) -> Tensor:
     """Adversarial version ``(1, C, D, H, W)`` of a whole volume ``image`` with labels ``label`` ``(1, 1, D, H, W)``.
 
@@ -269,6 +273,8 @@ def attack_volume(
         target: explicit target map ``(1, 1, D, H, W)`` for a targeted attack; by default the attack's rule derives
             it once from the whole volume, before any tiling.
         num_classes: the model's classes, for the target rule; by default read from one forward of one ROI tile.
+        roi_weight_map: pipeline only: ``(rd, rh, rw)`` blending weights used instead of MONAI's map (as
+            ``sliding_window_inference``'s argument), e.g. nnU-Net's Gaussian for an ``nnunet:`` model.
 
     Budgets are whole-volume budgets in both modes: in tiles mode an L2 attack's tiles share one ball (the stitched
     perturbation is projected onto it, :func:`attack_tiles`).
@@ -299,5 +305,6 @@ def attack_volume(
         sw_batch_size=sw_batch_size,
         blend_mode=blend_mode,
         memory_bounded=memory_bounded,
+        roi_weight_map=roi_weight_map,
     )
     return attack(window_model, image, label, **({"target": target} if target is not None else {}))

@@ -33,9 +33,17 @@ from robustseg.evaluation.records import CaseLog
 from robustseg.evaluation.region import real_case
 from robustseg.evaluation.resolve import LoadedModel
 from robustseg.evaluation.sanity import SanityChecks
-from robustseg.evaluation.scoring import PassCounter, SlidingWindow, dice_mean, predict, score_prediction
+from robustseg.evaluation.scoring import (
+    PassCounter,
+    SlidingWindow,
+    dice_mean,
+    predict,
+    roi_weight_map,
+    score_prediction,
+)
 from robustseg.evaluation.store import AdversarialStore
 from robustseg.evaluation.suite import AttackSpec
+from robustseg.external.adapters import observe_volume
 
 __all__ = ["CLEAN", "Evaluator", "PassCounter", "RunStats", "SlidingWindow", "case_seed"]
 
@@ -156,6 +164,7 @@ class Evaluator(ResultIdentity, SanityChecks):
             sw_batch_size=self.window.sw_batch_size,
             memory_bounded=self.memory_bounded,
             blend_mode=self.window.blend_mode,
+            **({"roi_weight_map": weights} if (weights := roi_weight_map(source)) is not None else {}),
         )
 
     def _passes(self) -> dict[str, int]:
@@ -201,6 +210,8 @@ class Evaluator(ResultIdentity, SanityChecks):
     def run_case(self, case: Mapping[str, Any], with_checks: bool = False) -> None:
         case_id = str(case["case_id"])
         image, label, affine, spacing, region = real_case(case)  # (1, C, d, h, w), (1, 1, d, h, w): real voxels
+        for model in self.models.values():  # adapters with a per-volume z-score frozen at the clean statistics
+            observe_volume(model.net, image)
         case_hash = identity.case_fingerprint(image, label, spacing)
         ids = {k: identity.short_hash(self.record_identity(k, case_hash)) for k in self.keys(case_id)}
         self.expected.update(ids)

@@ -101,7 +101,14 @@ def predict(window: SlidingWindow, model: Any, counter: nn.Module, image: Tensor
             overlap=window.overlap,
             mode=window.blend_mode,
             sigma_scale=window.sigma_scale,
+            roi_weight_map=roi_weight_map(model),
         )
+
+
+def roi_weight_map(model: Any) -> Tensor | None:
+    """The model's own ``(rd, rh, rw)`` window blending weights (nnU-Net's Gaussian for ``nnunet:`` models), or None."""
+    extra = getattr(model, "extra", None) or {}
+    return (extra.get("sliding_window") or {}).get("roi_weight_map")
 
 
 def dice_counts(pred: Tensor, label: Tensor, num_classes: int) -> dict[str, list[int]]:
