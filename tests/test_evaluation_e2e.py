@@ -259,3 +259,24 @@ def test_external_state_dict_and_torchscript(tmp_path):
     x = torch.rand(2, 1, 16, 16, 16)
     net.eval()
     assert torch.allclose(scripted.net(x), net(x), atol=1e-5)
+
+
+def test_suspicious_cases_are_named_in_the_report(tmp_path):
+    """A constant validation image is evaluated (a warning, not an error) and the report names the case."""
+    import nibabel as nib
+    import numpy as np
+
+    from robustseg.data import build_datamodule
+
+    cfg = eval_cfg(tmp_path, tmp_path / "out", "attacks=[fgsm]", "eps=[2/255]", "montage_cases=0")
+    build_datamodule(cfg.data).prepare_data()  # the synthetic phantoms, then one of them made constant
+    first = sorted((tmp_path / "data").rglob("*.nii.gz"))
+    datalist = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    image = next(p for p in first if p.name == Path(datalist["validation"][0]["image"]).name)
+    img = nib.load(image)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), image)
+    make_run(tmp_path / "runs", "unet-synthetic", "unet", tmp_path / "data")
+    out = evaluate(cfg)
+    report = (out / "report.md").read_text()
+    line = next(x for x in report.splitlines() if x.startswith("- **data warnings**"))
+    assert image.name.split(".")[0] in line and "all zero" in line

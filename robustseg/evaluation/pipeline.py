@@ -284,6 +284,7 @@ def _run_shard(cfg, out, index, count, suite, datamodule, cases, mine, targets, 
         "models": [
             model_record(m) for m in targets + ([source] if source is not None and source not in targets else [])
         ],
+        "data_warnings": {c: w for c in mine if (w := datamodule.case_warnings(c))},  # suspicious cases
         "this invocation": {
             "records written": stats.records_written,
             "records skipped (already done)": stats.records_skipped,
@@ -332,6 +333,10 @@ def finalize(cfg: DictConfig, out: Path, count: int) -> Path:
     settings["shards"] = count
     settings["data"] = (
         f"{cfg.data.name} ({cfg.get('split', 'validation')}, {len({r['case_id'] for r in records})} case(s))"
+    )
+    warnings = {c: w for run in runs for c, w in run.get("data_warnings", {}).items()}
+    settings["data warnings"] = (
+        "; ".join(f"{c}: {' / '.join(w)}" for c, w in sorted(warnings.items())) if warnings else "none"
     )
     settings["result identity"] = f"{run_sha} (records selected by key and identity; other records in {out} ignored)"
     flag_dicts = [f.to_dict() for f in flags]
