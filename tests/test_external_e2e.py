@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,9 @@ def test_python_entry_with_zscore_input_end_to_end(tmp_path, monkeypatch):
     rows, summary = run(tmp_path, tmp_path / "out", str(spec))
     assert dice(rows, "clean") > 0.5 and dice(rows, "pgd") < dice(rows, "clean") - 0.05
     assert not gradients_flag(summary)["raised"]
+    units = summary["settings"]["budgets in the models' own input units"]  # the report states the model's units
+    eps = float(Fraction(next(r["budget"] for r in rows if r.get("attack") == "pgd")))
+    assert any(f"{eps * 425 / 120:.4f} z" in u for u in units), units
 
 
 def test_bundle_written_by_monai_end_to_end(tmp_path):

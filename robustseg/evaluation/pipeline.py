@@ -137,9 +137,26 @@ def _settings(cfg: DictConfig, targets, source, suite, n_cases: int, notes: list
         "seed": cfg.seed,
         "shard": cfg.shard,
     }
+    units = model_units(models, suite)
+    if units:
+        out["budgets in the models' own input units"] = units
     notes = [*notes, *(f"{m.label}: {m.checkpoint_note}" for m in models if m.checkpoint_note)]
     if notes:
         out["model notes"] = notes
+    return out
+
+
+def model_units(models: list[LoadedModel], suite) -> list[str]:
+    """Each eps budget in the input units of every adapted model (``extra["input_units"]``, e.g. nnU-Net z-units)."""
+    from robustseg.external import budget_in_units
+
+    out = []
+    for m in models:
+        units = (m.extra or {}).get("input_units")
+        for spec in suite if units else []:
+            text = budget_in_units(units, spec.eps) if spec.eps is not None else None
+            if text:
+                out.append(f"{m.label}: {spec.label} {spec.budget} = {text}")
     return out
 
 
