@@ -48,10 +48,10 @@ MNI = ("unet_small-mni152-clean", "unet_small-mni152-pgd")
 MAIN = {"lits117": LITS, "mni152": MNI}  # evaluation whose card goes to zoo/<model>/card.json
 
 
-def plan(steps: int, reliable_steps: int) -> dict[str, list[str]]:
+def plan(steps: int, reliable_steps: int, attack_names: str, eps: str) -> dict[str, list[str]]:
     """Evaluation name -> evaluate overrides."""
-    attacks = ["--attacks=fgsm,pgd,vafa", "--eps=4/255,8/255"]
-    attacks += [f"+attack_overrides.pgd.steps={steps}", f"+attack_overrides.vafa.steps={steps}"]
+    attacks = [f"--attacks={attack_names}", f"--eps={eps}"]
+    attacks += [f"+attack_overrides.{a}.steps={steps}" for a in ("pgd", "vafa") if a in attack_names.split(",")]
 
     def targets(names) -> str:
         return "--target=" + ",".join(str(ZOO / n) for n in names if (ZOO / n / "checkpoints").is_dir())
@@ -100,12 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="run only these evaluations (default: all)")
     parser.add_argument("--steps", type=int, default=3, help="PGD and VAFA steps")
+    parser.add_argument("--attacks", default="fgsm,pgd,vafa", help="conf/attack presets, comma-separated")
+    parser.add_argument("--eps", default="4/255,8/255", help="budgets, comma-separated")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (scoring and crafting)")
     parser.add_argument("--reliable-steps", type=int, default=10, help="APGD steps of each reliable-suite member")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "zoo_eval", help="full evaluation outputs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name, overrides in plan(args.steps, args.reliable_steps).items():
+    for name, overrides in plan(args.steps, args.reliable_steps, args.attacks, args.eps).items():
         if args.only and name not in args.only:
             continue
         out = args.runs / name
