@@ -90,7 +90,7 @@ def zoo_models() -> dict[str, Path]:
             log.warning("zoo model %s is missing (train it: python scripts/train_zoo.py %s); skipped", name, name)
             continue
         present[name], dice[name] = run, best_val_dice(run) or 0.0
-        log.info("zoo model %s: clean validation Dice %.3f (foreground mean, lits117 validation slab)", name, dice[name])
+        log.info("zoo model %s: clean validation Dice %.3f (foreground mean, lits117 validation)", name, dice[name])
     if SOURCE not in present:
         raise SystemExit(f"the demo's surrogate {SOURCE} is not in {ZOO}: run python scripts/train_zoo.py {SOURCE}")
     good = {n: r for n, r in present.items() if dice[n] >= MIN_DICE}
