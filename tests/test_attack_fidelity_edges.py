@@ -114,9 +114,9 @@ def test_perceptibility_by_hand():
 
 def test_ssim3d_window_shrinks_to_small_volumes():
     torch.manual_seed(0)
-    x = torch.rand(1, 1, 7, 8, 9)
+    x = torch.rand(1, 1, 5, 8, 9)  # the first spatial axis is the smallest: window 5
     y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
-    expected = compute_ssim_and_cs(x, y, 3, [7] * 3, [1.5] * 3)[0].mean()
+    expected = compute_ssim_and_cs(x, y, 3, [5] * 3, [1.5] * 3)[0].mean()
     torch.testing.assert_close(ssim3d(x, y), expected[None], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="shapes differ"):
         ssim3d(x, y[..., :-1])
@@ -261,3 +261,131 @@ def test_diversity_on_an_axis_of_one_voxel(monkeypatch):
     net = nn.Conv3d(1, 3, 3, padding=1)
     x = torch.rand(1, 1, 10, 1, 6)
     assert transfer.diverse_logits(net, x, None, 0.5, 1.0).shape == (1, 3, 10, 1, 6)
+
+
+def test_gn_is_x_plus_sigma_times_seeded_normal_noise():
+    """Malik et al.'s baseline, x + sigma N(0, 1), clipped: the seeded noise drawn in the input's dtype."""
+    images = torch.full((2, 1, 5, 6, 7), 0.5, dtype=torch.float64)
+    gn = ATTACKS.build({"name": "gn", "sigma": "16/255", "seed": 3})
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = (images + 16 / 255 * noise).clamp(0, 1)
+    torch.testing.assert_close(gn(nn.Conv3d(1, 2, 1), images, torch.zeros(2, 1, 5, 6, 7, dtype=torch.long)), expected)
+    one = ATTACKS.build({"name": "gn", "sigma": 0.999, "seed": 3})(
+        nn.Conv3d(1, 2, 1), images, torch.zeros_like(images).long()
+    )
+    assert not torch.equal(one, images)
+
+
+def test_cospgd_loss_by_hand():
+    """Voxel mean of cos(softmax, onehot) x CE per voxel (targeted: 1 - cos), and the attack's objective uses the
+    targeted form when targeted."""
+    from robustseg.attacks.cospgd import cospgd_loss
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).T.reshape(1, 2, 1, 1, 3).double()
+    labels = torch.tensor([0, 0, 1]).view(1, 1, 1, 1, 3)
+    probs = logits.softmax(1)[0, :, 0, 0].T  # (3, 2)
+    onehot = torch.eye(2, dtype=torch.float64)[labels.flatten()]
+    cos = (probs * onehot).sum(1) / probs.norm(dim=1)
+    ce = -probs[torch.arange(3), labels.flatten()].log()
+    assert cospgd_loss(logits, labels).item() == pytest.approx(float((cos * ce).mean()))
+    assert cospgd_loss(logits, labels, targeted=True).item() == pytest.approx(float(((1 - cos) * ce).mean()))
+    net = nn.Identity()
+    for targeted in (False, True):
+        attack = ATTACKS.build({"name": "cospgd", "steps": 1, "targeted": targeted})
+        value = attack.objective(net, logits, labels, 0)
+        assert value.item() == pytest.approx(float(cospgd_loss(logits, labels, targeted=targeted)))
+
+
+def test_segpgd_objective_follows_targeted():
+    from robustseg.attacks.segpgd import segpgd_lambda, segpgd_loss
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 1, 2).double()
+    labels = torch.zeros(1, 1, 1, 1, 2, dtype=torch.long)
+    for targeted in (False, True):
+        attack = ATTACKS.build({"name": "segpgd", "steps": 4, "targeted": targeted})
+        expected = segpgd_loss(logits, labels, segpgd_lambda(3, 4), targeted=targeted)
+        assert attack.objective(nn.Identity(), logits, labels, 3).item() == pytest.approx(expected.item())
+
+
+def test_blocks2d_refuses_either_axis_not_divisible():
+    from robustseg.attacks.frequency import to_blocks, to_blocks2d
+
+    for shape in ((1, 1, 8, 10, 3), (1, 1, 10, 8, 3)):
+        with pytest.raises(ValueError, match="pad_to_multiple"):
+            to_blocks2d(torch.zeros(shape), 4)
+    for shape in ((1, 1, 8, 8, 6), (1, 1, 8, 6, 8), (1, 1, 6, 8, 8)):
+        with pytest.raises(ValueError, match="pad_to_multiple"):
+            to_blocks(torch.zeros(shape), 4)
+
+
+def test_rescale_axial_slices_clips_constant_slices_out_of_range():
+    from robustseg.attacks.vafa import rescale_axial_slices
+
+    x = torch.rand(1, 1, 3, 3, 3)
+    x[..., 0], x[..., 1] = 1.3, -0.2  # constant slices outside [0, 1] (x' is unclipped during the steps)
+    out = rescale_axial_slices(x)
+    assert torch.equal(out[..., 0], torch.ones(1, 1, 3, 3)) and torch.equal(out[..., 1], torch.zeros(1, 1, 3, 3))
+
+
+def test_tile_starts_exact():
+    from robustseg.attacks.volume import tile_starts
+
+    assert tile_starts(16, 16) == [(0, 0, 16)]
+    assert tile_starts(31, 16) == [(0, 0, 16), (15, 16, 31)]
+    assert tile_starts(32, 16) == [(0, 0, 16), (16, 16, 32)]
+    assert tile_starts(40, 16) == [(0, 0, 16), (16, 16, 32), (24, 32, 40)]
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 3, 3, padding=1)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(6)
+    return net.eval()
+
+
+def test_tiles_of_a_volume_smaller_than_the_roi_are_zero_padded_at_the_end():
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(1, 1, 11, 13, 9, generator=g, dtype=torch.float64)
+    label = torch.randint(0, 3, (1, 1, 11, 13, 9), generator=g)
+    net = _conv_net()
+    fgsm = ATTACKS.build({"name": "pgd", "eps": 8 / 255, "step_size": 8 / 255, "steps": 1, "random_start": False})
+    pad = (0, 7, 0, 3, 0, 5)  # W, H, D up to 16
+    expected = fgsm(net, nn.functional.pad(image, pad), nn.functional.pad(label, pad))[:, :, :11, :13, :9]
+    tiled = attack_volume(fgsm, net, image, label, mode="tiles", roi_size=16)
+    torch.testing.assert_close(tiled, expected, rtol=0, atol=1e-12)
+
+
+def test_l2_tiles_project_the_stitched_perturbation():
+    """Each 16^3 tile attacked alone at the full radius, stitched, then the volume's delta scaled onto the ball."""
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 1, 32, 16, 16, generator=g, dtype=torch.float64) * 0.5 + 0.25
+    label = torch.randint(0, 3, (1, 1, 32, 16, 16), generator=g)
+    net = _conv_net()
+    attack = ATTACKS.build({"name": "pgd_l2", "eps": 0.5, "step_size": 0.5, "steps": 1, "random_start": False})
+    stitched = torch.cat(
+        [attack(net, image[:, :, :16], label[:, :, :16]), attack(net, image[:, :, 16:], label[:, :, 16:])], 2
+    )
+    delta = stitched - image
+    expected = image + delta * (0.5 / delta.norm())
+    tiled = attack_volume(attack, net, image, label, mode="tiles", roi_size=16, sw_batch_size=1)
+    torch.testing.assert_close(tiled, expected, rtol=0, atol=1e-12)
+    small = ATTACKS.build({"name": "pgd_l2", "eps": 5.0, "step_size": 0.5, "steps": 1, "random_start": False})
+    tiled_small = attack_volume(small, net, image, label, mode="tiles", roi_size=16, sw_batch_size=2)
+    stitched_small = torch.cat(
+        [small(net, image[:, :, :16], label[:, :, :16]), small(net, image[:, :, 16:], label[:, :, 16:])], 2
+    )
+    torch.testing.assert_close(tiled_small, stitched_small, rtol=0, atol=1e-12)  # inside the ball: untouched
+
+
+def test_explicit_target_reaches_each_tile_as_its_crop():
+    from test_attack_volume import TargetSpy
+
+    label = torch.zeros(1, 1, 16, 8, 8, dtype=torch.long)
+    label[:, :, 2:6] = 1
+    target = torch.randint(0, 3, (1, 1, 16, 8, 8), generator=torch.Generator().manual_seed(0))
+    spy = TargetSpy()
+    attack_volume(spy, nn.Conv3d(1, 3, 1), torch.rand(1, 1, 16, 8, 8), label, mode="tiles", roi_size=8, target=target)
+    (tiles,) = spy.seen
+    assert torch.equal(tiles[0:1], target[:, :, :8]) and torch.equal(tiles[1:2], target[:, :, 8:])

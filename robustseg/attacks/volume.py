@@ -179,14 +179,13 @@ def _tiles(size: Sequence[int], roi: Sequence[int]) -> Iterator[tuple[tuple[slic
 
 
 def project_l2(image: Tensor, adversarial: Tensor, eps: float) -> Tensor:
-    """Project ``adversarial - image`` of each volume ``(B, C, D, H, W)`` onto the L2 ball of radius ``eps``.
+    """Project ``adversarial - image`` of one volume ``(1, C, D, H, W)`` onto the L2 ball of radius ``eps``.
 
     Shrinking towards ``image`` keeps a ``[0, 1]`` result in ``[0, 1]`` (the segment between two points of a box).
     """
     delta = adversarial - image
-    norm = delta.flatten(1).norm(dim=1)  # (B,)
-    scale = torch.where(norm > eps, eps / norm.clamp_min(1e-12), torch.ones_like(norm))
-    return image + delta * scale.view(-1, 1, 1, 1, 1)
+    norm = float(delta.norm())
+    return image + delta * (eps / norm) if norm > eps else adversarial
 
 
 def attack_tiles(
