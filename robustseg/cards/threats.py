@@ -103,6 +103,7 @@ def threat_models(
     out = []
     for (kind, source, budget), group in groups.items():
         attacks = [r for r in group if not str(r["attack"]).startswith(WORST)]
+        attacks = [r for r in attacks if r.get("dice_mean") is not None]  # every case skipped by the cascade
         if not attacks:
             continue
         worst_row = next((r for r in group if r["attack"] == WORST), None)
