@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# nnunet-test: nnunetv2 for tests/test_external_nnunet.py; torch pinned to the one installed above, or
 	# torchvision (pulled by nnunetv2) would replace a CPU torch with the newest CUDA build
 	$(BIN)/pip install --quiet -e ".[dev,nnunet-test]" "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')"
+	# PyPI's torchvision (pulled in through timm) is built for the CUDA torch: beside a CPU torch its operators
+	# fail to load and break every `import lightning`. robustseg never needs it, so a broken one is removed.
+	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/pip uninstall --quiet -y torchvision
 	# the real LiTS-117 CT; --no-deps because the package pins an ancient torch
 	$(BIN)/pip install --quiet --no-deps "liver-ct-segmentation-package==1.6.0"
 	touch $(STAMP)
