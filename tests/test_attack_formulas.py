@@ -353,15 +353,25 @@ def test_soft_quantise_matches_autograd_through_soft_round():
 
 
 def test_ssim_fused_backward_matches_autograd():
+    """With a fixed clean side (``reference``) ssim3d takes the fused backward; without one, plain autograd: both
+    give MONAI's value and the same gradient."""
+    from robustseg.attacks.ssim import ssim_reference
+
     torch.manual_seed(0)
     x = torch.rand(2, 1, 12, 13, 14, dtype=torch.float64)
     y = (x + 0.1 * torch.randn_like(x)).requires_grad_(True)
-    x_grad = x.clone().requires_grad_(True)  # forces the plain autograd path, the reference
-    (fused,) = torch.autograd.grad(ssim3d(x, y).sum(), y)
-    (plain,) = torch.autograd.grad(ssim3d(x_grad, y).sum(), y)
+    expected = compute_ssim_and_cs(x, y.detach(), 3, [11] * 3, [1.5] * 3)[0].flatten(1).mean(1)
+    fused_value, plain_value = ssim3d(x, y, reference=ssim_reference(x)), ssim3d(x, y)
+    assert "SSIMMean" in type(fused_value.grad_fn).__name__ and "SSIMMean" not in type(plain_value.grad_fn).__name__
+    torch.testing.assert_close(fused_value, expected.to(fused_value.dtype), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain_value, expected.to(plain_value.dtype), rtol=1e-5, atol=1e-6)
+    (fused,) = torch.autograd.grad(fused_value.sum(), y)
+    (plain,) = torch.autograd.grad(plain_value.sum(), y)
     torch.testing.assert_close(fused, plain)
     small_x = torch.rand(1, 1, 5, 6, 7, dtype=torch.float64)  # gradcheck is quadratic in the size: keep it small
     small_y = (small_x + 0.1 * torch.randn_like(small_x)).requires_grad_(True)
+    reference = ssim_reference(small_x, win_size=3)
+    assert torch.autograd.gradcheck(lambda t: ssim3d(small_x, t, win_size=3, reference=reference), (small_y,))
     assert torch.autograd.gradcheck(lambda t: ssim3d(small_x, t, win_size=3), (small_y,))
 
 
