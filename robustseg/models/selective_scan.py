@@ -92,10 +92,9 @@ def selective_scan_sequential(
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
     ys = []
-    for t in range(u.shape[2]):
-        drive = (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]  # (b, d, n)
-        h = torch.exp(delta[:, :, t, None] * A) * h + drive  # (b, d, n)
-        ys.append((h * C[:, None, :, t]).sum(-1))  # (b, d)
+    for delta_t, u_t, B_t, C_t in zip(delta.unbind(2), u.unbind(2), B.unbind(2), C.unbind(2)):  # unbind: O(l) backward
+        h = torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t[:, None, :]  # (b, d, n)
+        ys.append((h * C_t[:, None, :]).sum(-1))  # (b, d)
     return _finish(torch.stack(ys, dim=-1), u, D, z)
 
 
