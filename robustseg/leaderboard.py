@@ -69,10 +69,15 @@ def _training(card: Card) -> str:
     if t.mode == "attack" and t.attack:
         attack = t.attack
         name = attack.get("name", "?")
-        budget = next((f"{k}={attack[k]:.4g}" for k in ("eps", "sigma", "q_max") if k in attack), "")
+        budget = next((f"{k}={_number(attack[k])}" for k in ("eps", "sigma", "q_max") if k in attack), "")
         steps = f", {attack['steps']} steps" if "steps" in attack else ""
         return f"{name} AT ({budget}{steps})" + (f", {t.adv_mode}" if t.adv_mode not in (None, "adversarial") else "")
     return t.mode
+
+
+def _number(value: Any) -> str:
+    """``0.0157`` -> ``0.01569``; a config string such as ``4/255`` stays as written."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 def _passes(card: Card) -> str:

@@ -56,7 +56,7 @@ def _card(label: str, clean: float, threats: list[dict], dataset: str = "lits117
         },
         "training": {
             "mode": "attack" if "pgd" in label else "clean",
-            "attack": {"name": "pgd", "eps": 4 / 255, "steps": 3} if "pgd" in label else None,
+            "attack": {"name": "pgd", "eps": "4/255", "steps": 3} if "pgd" in label else None,  # as in config.yaml
             "adv_mode": "adversarial" if "pgd" in label else None,
             "data": dataset,
             "epochs": 10,
@@ -116,7 +116,8 @@ def test_tables_per_dataset_and_threat_model_sorted_by_robust_dice(tmp_path, cap
                                                   ("3", "unetr-clean", "0.1000")]  # fmt: skip
     columns = leaderboard.COLUMNS
     first = dict(zip(columns, rows[0]))
-    assert first["clean Dice"] == "0.8000" and first["budget"] == "8/255" and first["training"].startswith("pgd AT")
+    assert first["clean Dice"] == "0.8000" and first["budget"] == "8/255"
+    assert first["training"] == "pgd AT (eps=4/255, 3 steps)"
     assert first["worst attack"] == "pgd (of 2, standard suite)" and first["attacks"] == "fgsm, pgd"
     assert first["flags"] == "**unreliable**: monotonic" and first["cost (fwd / bwd)"] == "40 / 30 (run)"
     assert first["report"] == "[report](eval/report.md)"
