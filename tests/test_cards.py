@@ -204,6 +204,8 @@ def test_cards_from_report_model_dicts_and_record_costs(tmp_path):
         return {"source": "cnn", "target": "cnn", "attack": attack, "budget": budget, "case_id": "a", "cost": cost}
 
     records = [record("fgsm", "8/255", 2, 1), record("pgd", "8/255", 20, 10), record("pgd", "4/255", 20, 10)]
+    shared = {**record("pgd", "8/255", 0, 0), "target": "vit"}  # a transfer volume charged to the first target
+    records.append(shared)
     records.append({"source": "", "target": "cnn", "attack": "clean", "budget": "0", "case_id": "a", "cost": {}})
     paths = write_cards(tmp_path / "eval", _rows(), models, [], {}, {"data": "lits117 (validation, 1 case(s))"},
                         records=records, class_names=CLASSES)  # fmt: skip
@@ -216,3 +218,6 @@ def test_cards_from_report_model_dicts_and_record_costs(tmp_path):
     by_id = {t.id: t for t in card.threat_models}
     assert (by_id["white-box linf 8/255"].attack_forwards, by_id["white-box linf 8/255"].attack_backwards) == (22, 11)
     assert by_id["white-box frequency q_max=20"].attack_forwards is None  # no record: not recorded, never 0
+    vit = {**models[1], "label": "vit"}
+    transfer = build_card(vit, _rows(), [], {}, {"name": "lits117"}, ["cnn", "vit"], records=records).threat_models[0]
+    assert (transfer.id, transfer.attack_forwards) == ("transfer from cnn linf 8/255", 22)  # crafted once, on cnn

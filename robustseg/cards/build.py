@@ -219,7 +219,9 @@ def build_card(
         "training": {**training, "epochs": facts["epochs"] or training["epochs"]},
         "preprocessing": preprocessing_of(config, roi),
         "clean": metrics_of(clean, class_names),
-        "threat_models": threat_models(rows, label, class_names, own_records),
+        # a threat model's crafting passes: every record of its (source, budget), whichever target the records'
+        # convention charged a shared transfer volume to
+        "threat_models": threat_models(rows, label, class_names, [r for r in records or () if r.get("source")]),
         "cost": cost_of(costs, own_records if own_records and all("cost" in r for r in own_records) else None),
         "flags": own_flags,
         "unreliable": bool(raised),

@@ -95,7 +95,8 @@ def threat_models(
 ) -> list[dict[str, Any]]:
     """Every threat model ``target`` was evaluated under, from the summary rows (see the module docstring).
 
-    ``records`` (this target's per-case records, optional) give each threat model its crafting passes."""
+    ``records`` (the evaluation's per-case records, optional) give each threat model its crafting passes: the sum
+    over the records of its source and budget, so a transfer volume crafted once counts once, for every target."""
     mine = [r for r in rows if r["target"] == target and r["attack"] != CLEAN and str(r["budget"]) != "all"]
     groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for r in mine:
