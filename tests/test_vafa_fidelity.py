@@ -77,7 +77,14 @@ def reference_reconstruct(x: Tensor, q: list[Tensor], a: float | None) -> Tensor
 
 
 def reference_vafa(
-    net: nn.Module, x: Tensor, y: Tensor, q_max: float, steps: int, ssim: bool = True, targeted: bool = False
+    net: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    q_max: float,
+    steps: int,
+    ssim: bool = True,
+    targeted: bool = False,
+    size: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """The published loop (q from q_max, q_min 5; a = 0.1 (1 - t / T); x' unclipped; return the last x')."""
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
@@ -87,7 +94,8 @@ def reference_vafa(
         for table in q:
             table.requires_grad_(True)
         adv = reference_reconstruct(x, q, a)
-        objective = -loss_fn(net(adv), y) if targeted else loss_fn(net(adv), y)
+        seen = adv if size is None else adv[:, :, : size[0], : size[1], : size[2]]  # the model sees the crop
+        objective = -loss_fn(net(seen), y) if targeted else loss_fn(net(seen), y)
         if ssim:
             pairs = [(x[0, 0, s[0], s[1], s[2]], adv[0, 0, s[0], s[1], s[2]]) for s in blocks_of(x)]
             xb = torch.stack([p[0] for p in pairs])[:, None]  # (N, 1, b, b, b)
@@ -95,6 +103,7 @@ def reference_vafa(
             objective = objective - (1 - gaussian_ssim_blocks(xb, yb))
         grads = torch.autograd.grad(objective, q)
         q = [(table.detach() + g.sign()).clamp(5.0, q_max) for table, g in zip(q, grads)]
+    adv = adv if size is None else adv[:, :, : size[0], : size[1], : size[2]]
     return adv.detach().clamp(0, 1)
 
 
@@ -269,3 +278,15 @@ def test_targeted_vafa_descends_towards_the_target(volume):
     attack = ATTACKS.build({"name": "vafa", "q_max": 20, "steps": 3, "block_size": B, "targeted": True})
     expected = reference_vafa(net, x, target, 20.0, 3, targeted=True)
     torch.testing.assert_close(attack(net, x, y, target=target), expected, rtol=0, atol=1e-9)
+
+
+def test_vafa_pads_by_replicating_the_edge(volume):
+    """A 6 x 8 x 7 volume with 4^3 blocks: replicate-padded to 8^3 (the SSIM term sees the padded blocks, the model
+    the crop), attacked, cropped back."""
+    x, y = volume
+    x, y = x[:, :, :6, :, :7], y[:, :, :6, :, :7]
+    net = conv_net()
+    padded = F.pad(x, (0, 1, 0, 0, 0, 2), mode="replicate")
+    expected = reference_vafa(net, padded, y, 20.0, 3, size=(6, 8, 7))
+    attack = ATTACKS.build({"name": "vafa", "q_max": 20, "steps": 3, "block_size": B})
+    torch.testing.assert_close(attack(net, x, y), expected, rtol=0, atol=1e-9)
