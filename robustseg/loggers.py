@@ -8,6 +8,7 @@ deletes it when the log folder is not empty), and the W&B logger continues the r
 from __future__ import annotations
 
 import csv
+import logging
 import netrc
 import os
 import re
@@ -20,6 +21,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from robustseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def wandb_mode(requested: str = "auto") -> str:
@@ -117,6 +120,11 @@ def _wandb(
     if mode == "disabled":
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    if wandb.run is not None:  # WandbLogger would silently log this run into a run left open in this process
+        log.warning("W&B run %s was still open in this process: finished before run %s", wandb.run.id, run_name)
+        wandb.finish()
     run_id = previous_wandb_id(run_dir) if resume else None  # a resumed training continues its W&B run
     return WandbLogger(
         save_dir=str(run_dir),

@@ -277,3 +277,20 @@ def test_evaluate_transfer_with_the_default_wandb_logger(tmp_path, offline):
         )
     )
     assert (out / "report.md").exists() and (run["files"] / "report.md").exists()
+
+
+def test_training_never_logs_into_a_run_left_open(tmp_path, offline):
+    """A W&B run left open in the process (a notebook, an earlier crash) is finished, not reused by the next
+    training's WandbLogger (Lightning reuses ``wandb.run`` when one is active)."""
+    import wandb
+
+    from robustseg.loggers import build_logger, finish
+
+    stale = wandb.init(project="robustseg", dir=str(tmp_path / "stale"), mode="offline")
+    logger = build_logger({"name": "wandb"}, tmp_path / "run", "fresh", {"model": {"name": "unet"}})
+    try:
+        assert logger.experiment.id != stale.id
+        assert Path(logger.experiment.dir).is_relative_to(tmp_path / "run")
+    finally:
+        finish(logger)
+    assert not wandb_children()
