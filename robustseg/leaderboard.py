@@ -80,7 +80,10 @@ def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
-def _passes(card: Card) -> str:
+def _passes(card: Card, threat: ThreatModel) -> str:
+    """Crafting passes of this threat model's volumes, else the card's total (``(run)`` when run-wide)."""
+    if threat.attack_forwards is not None:
+        return f"{threat.attack_forwards} / {threat.attack_backwards if threat.attack_backwards is not None else '-'}"
     c = card.cost
     if c.attack_forwards is None:
         return "-"
@@ -130,7 +133,7 @@ def row_cells(rank: int, entry: Entry, root: Path) -> list[str]:
         threat.budget,
         _worst(threat),
         ", ".join(a.attack for a in threat.attacks),
-        _passes(card),
+        _passes(card, threat),
         _flags(card),
         _link(card, entry.path, root),
     ]
