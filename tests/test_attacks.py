@@ -347,3 +347,6 @@ def test_large_budget_escape_and_l2_radius():
     with pytest.raises(ConfigError, match="allow_large_budget"):
         parse_budget(1.5, "eps", "PGD", maximum=1.0, escape="allow_large_budget")
     assert parse_budget(0.999, "eps", maximum=1.0) == 0.999
+    with pytest.raises(ConfigError) as refused:  # PGD has no escape field: the message must not invent one
+        ATTACKS.build({"name": "pgd", "eps": 2})
+    assert "allow_large_budget" not in str(refused.value)

@@ -78,7 +78,8 @@ def set_budgets(obj: Any, *fields: str) -> None:
     for field in fields:
         guarded = field == "sigma" or (field == "eps" and getattr(obj, "threat_model", None) == "linf")
         maximum = 1.0 if guarded and not allowed else None
-        value = parse_budget(getattr(obj, field), field, name, maximum=maximum, escape=LARGE_BUDGET_ESCAPE)
+        escape = LARGE_BUDGET_ESCAPE if hasattr(obj, LARGE_BUDGET_ESCAPE) else None  # name it only where it exists
+        value = parse_budget(getattr(obj, field), field, name, maximum=maximum, escape=escape)
         object.__setattr__(obj, field, value)
 
 
