@@ -103,24 +103,26 @@ def _layout(length: int, chunk_size: int, sub: int) -> tuple[int, int, int]:
     sub = min(sub, length)
     chunks = math.ceil(length / chunk_size)
     per_chunk = math.ceil(math.ceil(length / chunks) / sub)
-    return chunks, sub, per_chunk
+    return math.ceil(length / (per_chunk * sub)), sub, per_chunk  # rounding up may leave fewer, all non-empty
 
 
-def _by_position(x: Tensor, layout: tuple[int, int, int], dtype: torch.dtype) -> Tensor:
-    """(b, k, l) -> (J, T, c, b, k): chunk, position in the sub-chunk, sub-chunk; zero-padded at the end.
+def _chunk(x: Tensor, layout: tuple[int, int, int], j: int, dtype: torch.dtype, fn=None) -> Tensor:
+    """Chunk j of x (b, k, l) as (T, c, b, k), position-major, zero-padded at the sequence end (after ``fn``)."""
+    _, sub, per_chunk = layout
+    size = per_chunk * sub
+    piece = x[:, :, j * size : (j + 1) * size].to(dtype)  # (b, k, <= c * T)
+    if fn is not None:
+        piece = fn(piece)
+    piece = F.pad(piece, (0, size - piece.shape[2]))  # (b, k, c * T)
+    return piece.reshape(x.shape[0], x.shape[1], per_chunk, sub).permute(3, 2, 0, 1).contiguous()  # (T, c, b, k)
 
-    Position-major inside a chunk, so every step of a loop over the T positions reads contiguous memory.
-    """
-    chunks, sub, per_chunk = layout
-    b, k, length = x.shape
-    x = F.pad(x.to(dtype), (0, chunks * per_chunk * sub - length))  # (b, k, J * c * T)
-    return x.reshape(b, k, chunks, per_chunk, sub).permute(2, 4, 3, 0, 1).contiguous()  # (J, T, c, b, k)
 
-
-def _from_position(x: Tensor, length: int) -> Tensor:
-    """Inverse of :func:`_by_position`: (J, T, c, b, k) -> (b, k, length)."""
-    chunks, sub, per_chunk, b, k = x.shape
-    return x.permute(3, 4, 0, 2, 1).reshape(b, k, chunks * per_chunk * sub)[..., :length]  # (b, k, l)
+def _unchunk(piece: Tensor, out: Tensor, j: int) -> None:
+    """Write chunk j, (T, c, b, k), into its positions of out (b, k, l)."""
+    sub, per_chunk, b, k = piece.shape
+    size = per_chunk * sub
+    stop = min((j + 1) * size, out.shape[2])
+    out[:, :, j * size : stop] = piece.permute(2, 3, 1, 0).reshape(b, k, size)[..., : stop - j * size]
 
 
 def _chunk_states(
@@ -129,7 +131,7 @@ def _chunk_states(
     """All states of one chunk, written into the buffers ``decay`` and ``states``.
 
     Args:
-        delta: (T, c, b, d) step sizes, position-major (see :func:`_by_position`).
+        delta: (T, c, b, d) step sizes, position-major (see :func:`_chunk`).
         du: (T, c, b, d) ``delta * u``.
         B: (T, c, b, n).
         A_t: (n, d), A transposed: the state index comes before the channel in every (..., n, d) tensor here.
@@ -187,73 +189,73 @@ class _SelectiveScan(torch.autograd.Function):
         _, sub_len, per_chunk = layout
         rows = sub_len * per_chunk * b
         A_t = A.to(dtype).T.contiguous()  # (n, d)
-        delta_p = _by_position(_prepare_delta(delta.to(dtype), delta_bias, softplus), layout, dtype)  # (J, T, c, b, d)
-        u_p = _by_position(u, layout, dtype)  # (J, T, c, b, d)
-        du_p = delta_p * u_p
-        B_p, C_p = _by_position(B, layout, dtype), _by_position(C, layout, dtype)  # (J, T, c, b, n) each
-        z_p = None if z is None else _by_position(z, layout, dtype)  # (J, T, c, b, d)
         D_c = None if D is None else D.to(dtype)
+        out = torch.empty_like(u)  # (b, d, l)
         decay, states = (u.new_empty(sub_len, per_chunk, b, n, d, dtype=dtype) for _ in range(2))
         h = u.new_zeros(b, n, d, dtype=dtype)
-        entering, outs = [], []
+        entering = []
         for j in range(layout[0]):
-            entering.append(_chunk_states(delta_p[j], du_p[j], B_p[j], A_t, h, decay, states))  # (c, b, n, d)
-            y = torch.bmm(C_p[j].view(rows, 1, n), states.view(rows, n, d)).view(sub_len, per_chunk, b, d)  # <C, h>
-            outs.append(_gate(y, u_p[j], D_c, None if z_p is None else z_p[j])[0])  # (T, c, b, d)
+            delta_j = _chunk(delta, layout, j, dtype, lambda x: _prepare_delta(x, delta_bias, softplus))  # (T, c, b, d)
+            u_j = _chunk(u, layout, j, dtype)  # (T, c, b, d)
+            B_j, C_j = _chunk(B, layout, j, dtype), _chunk(C, layout, j, dtype)  # (T, c, b, n)
+            entering.append(_chunk_states(delta_j, delta_j * u_j, B_j, A_t, h, decay, states))  # (c, b, n, d)
+            y = torch.bmm(C_j.view(rows, 1, n), states.view(rows, n, d)).view(sub_len, per_chunk, b, d)  # <C, h>
+            z_j = None if z is None else _chunk(z, layout, j, dtype)
+            _unchunk(_gate(y, u_j, D_c, z_j)[0], out, j)
             h = states[-1, -1].clone()  # padded steps keep the state: the last sub-chunk's last is the chunk's end
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.stack(entering))
         ctx.layout, ctx.dtype, ctx.softplus = layout, dtype, softplus
-        return _from_position(torch.stack(outs), length).to(u.dtype)  # (b, d, l)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102 - see the class docstring
         u, delta, A, B, C, D, z, delta_bias, entering = ctx.saved_tensors  # entering: (J, c, b, n, d)
-        layout, dtype = ctx.layout, ctx.dtype
+        layout, dtype, softplus = ctx.layout, ctx.dtype, ctx.softplus
         need = dict(zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), ctx.needs_input_grad[:8]))
         b, d, length = u.shape
         n = A.shape[1]
         n_chunks, sub_len, per_chunk = layout
         rows = sub_len * per_chunk * b
         A_t = A.to(dtype).T.contiguous()  # (n, d)
-        delta_full = _prepare_delta(delta.to(dtype), delta_bias, False)  # before softplus (b, d, l)
-        delta_p = _by_position(F.softplus(delta_full) if ctx.softplus else delta_full, layout, dtype)  # (J, T, c, b, d)
-        u_p = _by_position(u, layout, dtype)  # (J, T, c, b, d)
-        B_p, C_p = _by_position(B, layout, dtype), _by_position(C, layout, dtype)  # (J, T, c, b, n)
-        z_p = None if z is None else _by_position(z, layout, dtype)  # (J, T, c, b, d)
-        gout_p = _by_position(grad_out, layout, dtype)  # (J, T, c, b, d)
         D_c = None if D is None else D.to(dtype)
-        du_p = delta_p * u_p
-        grad_u, grad_delta = torch.empty_like(u_p), torch.empty_like(u_p)  # (J, T, c, b, d)
-        grad_z = None if z is None else torch.empty_like(u_p)
-        grad_B, grad_C = torch.zeros_like(B_p), torch.zeros_like(C_p)  # (J, T, c, b, n)
+        grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)  # (b, d, l)
+        grad_z = None if z is None else torch.empty_like(z)
+        grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)  # (b, n, l)
         grad_A = torch.zeros_like(A_t)  # (n, d)
         grad_D = u.new_zeros(d, dtype=dtype)
+        grad_bias = u.new_zeros(d, dtype=dtype)
         decay, states, g = (u.new_empty(sub_len, per_chunk, b, n, d, dtype=dtype) for _ in range(3))
         carry = torch.zeros_like(entering[0, 0])  # exp(delta A) g at the next chunk's first position (b, n, d)
         for j in range(n_chunks - 1, -1, -1):
-            starts = _chunk_states(delta_p[j], du_p[j], B_p[j], A_t, entering[j], decay, states)
+            raw = _chunk(delta, layout, j, dtype, lambda x: _prepare_delta(x, delta_bias, False))  # (T, c, b, d)
+            delta_j = F.softplus(raw) if softplus else raw  # padded positions: softplus(0) but u = 0 and grad = 0
+            u_j = _chunk(u, layout, j, dtype)  # (T, c, b, d)
+            B_j, C_j = _chunk(B, layout, j, dtype), _chunk(C, layout, j, dtype)  # (T, c, b, n)
+            du_j = delta_j * u_j
+            starts = _chunk_states(delta_j, du_j, B_j, A_t, entering[j], decay, states)
 
             # Through the gate and the skip: gy = dL/d<C_t, h_t>.
-            gy = gout_p[j]  # (T, c, b, d)
-            if z_p is not None:
-                y = torch.bmm(C_p[j].view(rows, 1, n), states.view(rows, n, d)).view(sub_len, per_chunk, b, d)
-                pre = _gate(y, u_p[j], D_c, None)[0]  # y + D u
-                sig = torch.sigmoid(z_p[j])
-                torch.mul(gy * pre, sig * (1 + z_p[j] * (1 - sig)), out=grad_z[j])  # silu'(z) = s (1 + z (1 - s))
-                gy = gy * (z_p[j] * sig)  # gout * silu(z)
+            gy = _chunk(grad_out, layout, j, dtype)  # (T, c, b, d)
+            if z is not None:
+                z_j = _chunk(z, layout, j, dtype)
+                y = torch.bmm(C_j.view(rows, 1, n), states.view(rows, n, d)).view(sub_len, per_chunk, b, d)
+                pre = _gate(y, u_j, D_c, None)[0]  # y + D u
+                sig = torch.sigmoid(z_j)
+                _unchunk(gy * pre * (sig * (1 + z_j * (1 - sig))), grad_z, j)  # silu'(z) = s (1 + z (1 - s))
+                gy = gy * (z_j * sig)  # gout * silu(z)
             if D_c is not None:
-                grad_D += (gy * u_p[j]).sum((0, 1, 2))
+                grad_D += (gy * u_j).sum((0, 1, 2))
 
             # Adjoint g_t = dL/dh_t: g_t = C_t gy_t + decay_{t+1} g_{t+1}, in reverse, written over its drive.
-            torch.mul(gy[:, :, :, None, :], C_p[j][..., None], out=g)  # (T, c, b, n, d)
+            torch.mul(gy[:, :, :, None, :], C_j[..., None], out=g)  # (T, c, b, n, d)
             ends = [carry]  # decay * g flowing into each sub-chunk's last position from the right, last first
             if per_chunk > 1:
                 local = g[-1].clone()  # (c, b, n, d)
                 for s in range(sub_len - 2, -1, -1):  # pass 1: each sub-chunk's g at its start from zero
                     torch.addcmul(g[s], decay[s + 1], local, out=local)
                 local.mul_(decay[0])
-                sub_decay = torch.exp(delta_p[j].sum(0)[:, :, None, :] * A_t)  # (c, b, n, d)
+                sub_decay = torch.exp(delta_j.sum(0)[:, :, None, :] * A_t)  # (c, b, n, d)
                 for k in range(per_chunk - 1, 0, -1):
                     ends.append(torch.addcmul(local[k], sub_decay[k], ends[-1]))  # (b, n, d)
             incoming = torch.stack(ends[::-1])  # (c, b, n, d)
@@ -265,29 +267,31 @@ class _SelectiveScan(torch.autograd.Function):
             decay[1:] *= states[:-1]  # decay_t h_{t-1}
             decay[0] *= starts
             if need["C"]:  # sum_d gy h, then the states buffer is scratch
-                grad_C[j] = torch.mul(states, gy[:, :, :, None, :], out=states).sum(-1)
+                _unchunk(torch.mul(states, gy[:, :, :, None, :], out=states).sum(-1), grad_C, j)
             grad_dA = decay.mul_(g)  # dL/d(delta A)_t = g_t decay_t h_{t-1} (T, c, b, n, d)
-            g_B = torch.bmm(B_p[j].view(rows, 1, n), g.view(rows, n, d)).view(sub_len, per_chunk, b, d)  # sum_n g B
-            torch.mul(g_B, delta_p[j], out=grad_u[j])
+            g_B = torch.bmm(B_j.view(rows, 1, n), g.view(rows, n, d)).view(sub_len, per_chunk, b, d)  # sum_n g B
+            grad_u_j = g_B * delta_j
             if D_c is not None:
-                grad_u[j].addcmul_(gy, D_c)
+                grad_u_j.addcmul_(gy, D_c)
+            _unchunk(grad_u_j, grad_u, j)
             if need["B"]:  # sum_d g delta u, then g is scratch
-                grad_B[j] = torch.mul(g, du_p[j][:, :, :, None, :], out=g).sum(-1)
-            torch.add(g_B.mul_(u_p[j]), torch.mul(grad_dA, A_t, out=states).sum(-2), out=grad_delta[j])
+                _unchunk(torch.mul(g, du_j[:, :, :, None, :], out=g).sum(-1), grad_B, j)
+            grad_delta_j = g_B.mul_(u_j).add_(torch.mul(grad_dA, A_t, out=states).sum(-2))  # dL/d(delta)
+            if softplus:
+                grad_delta_j.mul_(torch.sigmoid(raw))  # through the softplus
+            grad_bias += grad_delta_j.sum((0, 1, 2))
+            _unchunk(grad_delta_j, grad_delta, j)
             if need["A"]:
-                grad_A += torch.mul(grad_dA, delta_p[j][:, :, :, None, :], out=states).view(rows, n, d).sum(0)
-        grad_delta = _from_position(grad_delta, length)  # dL/d(discretised delta) (b, d, l)
-        if ctx.softplus:
-            grad_delta = grad_delta * torch.sigmoid(delta_full)
+                grad_A += torch.mul(grad_dA, delta_j[:, :, :, None, :], out=states).view(rows, n, d).sum(0)
         return (
-            _from_position(grad_u, length).to(u.dtype),
-            grad_delta.to(delta.dtype),
+            grad_u,
+            grad_delta,
             grad_A.T.to(A.dtype) if need["A"] else None,
-            _from_position(grad_B, length).to(B.dtype) if need["B"] else None,
-            _from_position(grad_C, length).to(C.dtype) if need["C"] else None,
+            grad_B if need["B"] else None,
+            grad_C if need["C"] else None,
             grad_D.to(D.dtype) if need["D"] else None,
-            _from_position(grad_z, length).to(z.dtype) if need["z"] else None,
-            grad_delta.sum((0, 2)).to(delta_bias.dtype) if need["delta_bias"] else None,
+            grad_z if need["z"] else None,
+            grad_bias.to(delta_bias.dtype) if need["delta_bias"] else None,
             None,
             None,
             None,
