@@ -33,6 +33,17 @@ def make_volume_batch(batch_size: int = 2, size: int = 16, seed: int = 0, num_cl
 
 
 @pytest.fixture(autouse=True)
+def _rank_zero():
+    """A Trainer built under fake SLURM/DDP ranks (tests/test_slurm.py) sets Lightning's process-wide
+    ``rank_zero_only.rank``; left at 3 it turns every later logger in this worker into a dummy. Reset it."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    rank_zero_only.rank = 0
+    yield
+    rank_zero_only.rank = 0
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     """Tests use tiny tensors: one intra-op thread avoids oversubscription stalls on a shared 2-core machine
     (and beside the two processes of the DDP tests)."""

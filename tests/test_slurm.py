@@ -78,7 +78,9 @@ def test_preemption_signal_checkpoints_requeues_and_resume_continues(tmp_path):
     bin_dir.mkdir()
     marker = tmp_path / "requeued"
     scontrol = bin_dir / "scontrol"  # SLURM's requeue command, as this machine has no SLURM
-    scontrol.write_text(f'#!/bin/sh\necho "$@" > {marker}\n')
+    # like SLURM, the requeue ends the job at once: otherwise the job could finish another epoch (a newer last.ckpt)
+    # between the signal and the kill, and `ckpt_path=last` would rightly resume from that instead
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {marker}\nkill -9 $PPID\n')
     scontrol.chmod(0o755)
     env = {
         **os.environ,
