@@ -164,7 +164,7 @@ class Evaluator(ResultIdentity, SanityChecks):
             sw_batch_size=self.window.sw_batch_size,
             memory_bounded=self.memory_bounded,
             blend_mode=self.window.blend_mode,
-            **({"roi_weight_map": weights} if (weights := roi_weight_map(source)) is not None else {}),
+            roi_weight_map=roi_weight_map(source),
         )
 
     def _passes(self) -> dict[str, int]:
