@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 
 from robustseg.data import BTCV_VALIDATION_CASES, build_datamodule, write_btcv_datalist, write_synthetic_dataset
 from robustseg.errors import ConfigError, DataError
+from robustseg.data.options import parse_options
+from robustseg.data.transforms import _crop
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 SIZE = (40, 36, 32)  # odd, non-cubic: exercises padding to roi and to pad_divisor
@@ -110,6 +112,25 @@ def test_repeats_multiplies_the_training_epoch(synthetic_root):
     assert len(dm.train_dataset) == 3 * 2
 
 
+def test_crop_ratios_centre_crops_on_the_weighted_classes(tmp_path):
+    # a 64^3 volume with a 4^3 class-2 blob in one corner: 16^3 crops centred on class 2 all hold it, crops
+    # centred positive/negative 1:1 (class 1 fills half the volume) mostly miss it
+    label = torch.zeros(1, 64, 64, 64, dtype=torch.int64)
+    label[:, 32:] = 1
+    label[:, 50:54, 50:54, 50:54] = 2
+    sample = {"image": torch.rand(1, 64, 64, 64), "label": label}
+
+    def holding_class_2(**overrides) -> int:
+        options = parse_options(synthetic_cfg(tmp_path, roi_size=[16, 16, 16], num_samples=20, **overrides))
+        crop = _crop(options)
+        crop.set_random_state(seed=0)
+        return sum(bool((c["label"] == 2).any()) for c in crop(sample))
+
+    assert holding_class_2(crop_ratios=[0, 0, 1]) == 20
+    assert holding_class_2(crop_ratios=[1, 1, 0]) < 5
+    assert holding_class_2() < 5  # default: positive/negative 1:1
+
+
 @pytest.mark.parametrize(
     ("key", "value", "match"),
     [
@@ -124,6 +145,9 @@ def test_repeats_multiplies_the_training_epoch(synthetic_root):
         ("augment", {"flip": 2.0}, "data.augment.flip"),
         ("orientation", "XYZ", "data.orientation"),
         ("prepare", {"name": "nonexistent"}, "data.prepare.name"),
+        ("crop_ratios", [1, 1], "data.crop_ratios"),  # one per class: 3 classes
+        ("crop_ratios", [1, -1, 1], "data.crop_ratios"),
+        ("crop_ratios", [0, 0, 0], "data.crop_ratios"),
     ],
 )
 def test_bad_config_values_raise_config_error(tmp_path, key, value, match):

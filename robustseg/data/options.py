@@ -44,6 +44,7 @@ class DataOptions:
     crop_size: tuple[int, int, int] | None = None
     roi_size: tuple[int, int, int] = (96, 96, 96)
     num_samples: int = 4
+    crop_ratios: tuple[float, ...] | None = None
     batch_size: int = 1
     repeats: int = 1
     augment: dict[str, float] = field(default_factory=dict)
@@ -100,6 +101,23 @@ def _probabilities(key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, 
     return out
 
 
+def _crop_ratios(value: Any, num_classes: int) -> tuple[float, ...] | None:
+    """``data.crop_ratios``: null (crop centres positive/negative 1:1) or one non-negative weight per class."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != num_classes
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+        or not sum(value) > 0
+    ):
+        raise ConfigError(
+            f"data.crop_ratios={value!r}: expected null or {num_classes} non-negative numbers (one per class, "
+            "not all 0): how often a training crop is centred on a voxel of each class"
+        )
+    return tuple(float(v) for v in value)
+
+
 def parse_options(cfg: Mapping[str, Any] | DictConfig) -> DataOptions:
     """Resolve and check a ``data`` config section (OmegaConf node or plain dict).
 
@@ -140,6 +158,7 @@ def parse_options(cfg: Mapping[str, Any] | DictConfig) -> DataOptions:
             f"data.augment.rot90 > 0 rotates axes 0 and 1, so data.roi_size={list(roi_size)} needs its first two "
             "sizes equal"
         )
+    crop_ratios = _crop_ratios(raw.get("crop_ratios"), num_classes)
     prepare = raw.get("prepare")
     if prepare is not None and (not isinstance(prepare, Mapping) or "name" not in prepare):
         raise ConfigError(f"data.prepare={prepare!r}: expected null or a mapping with a 'name' key")
@@ -174,6 +193,7 @@ def parse_options(cfg: Mapping[str, Any] | DictConfig) -> DataOptions:
         crop_size=None if raw.get("crop_size") is None else _positive_ints("crop_size", raw["crop_size"]),
         roi_size=roi_size,
         num_samples=_int_at_least("num_samples", raw.get("num_samples", 4), 1),
+        crop_ratios=crop_ratios,
         batch_size=_int_at_least("batch_size", raw.get("batch_size", 1), 1),
         repeats=_int_at_least("repeats", raw.get("repeats", 1), 1),
         augment=augment,

@@ -9,8 +9,9 @@ Chains (``d`` = dictionary transforms on ``{"image", "label"}``):
 
 * deterministic: load (channel first) -> orientation -> spacing (image bilinear, label nearest) -> intensity
   -> optional foreground crop -> optional centre crop/pad to ``crop_size`` -> pad to at least ``roi_size``;
-* train: deterministic (cached, then plain tensors) -> ``num_samples`` random ROI crops, positive/negative 1:1
-  (RandCropByPosNegLabeld) -> flips / 90-degree rotations / intensity scale and shift -> clip to [0, 1];
+* train: deterministic (cached, then plain tensors) -> ``num_samples`` random ROI crops, centres positive/negative
+  1:1 (RandCropByPosNegLabeld) or per class by ``crop_ratios`` (RandCropByLabelClassesd) -> flips / 90-degree
+  rotations / intensity scale and shift -> clip to [0, 1];
 * eval: deterministic -> pad to a multiple of ``pad_divisor``; MetaTensors (affine, pixdim) kept on request.
 
 Outputs: image float32 ``(C, D, H, W)`` in [0, 1]; label int64 ``(1, D, H, W)``.
@@ -33,6 +34,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
@@ -139,6 +141,36 @@ def deterministic_transforms(options: DataOptions) -> list[MapTransform]:
     return chain
 
 
+def _crop(options: DataOptions) -> RandCropByPosNegLabeld | RandCropByLabelClassesd:
+    """``num_samples`` random ``roi_size`` crops: centres positive/negative 1:1, or per class by ``crop_ratios``.
+
+    Class-weighted centres (nnU-Net's foreground oversampling, finer) help small structures such as a tumour that
+    a positive/negative draw, where any foreground voxel counts as positive, rarely centres on.
+    """
+    if options.crop_ratios is not None:
+        return RandCropByLabelClassesd(
+            KEYS,
+            label_key="label",
+            spatial_size=options.roi_size,
+            ratios=list(options.crop_ratios),
+            num_classes=options.num_classes,
+            num_samples=options.num_samples,
+            image_key="image",
+            image_threshold=0,
+            warn=False,  # a class absent from a volume (ratio renormalised by MONAI) is not an error
+        )
+    return RandCropByPosNegLabeld(
+        KEYS,
+        label_key="label",
+        spatial_size=options.roi_size,
+        pos=1,
+        neg=1,
+        num_samples=options.num_samples,
+        image_key="image",
+        image_threshold=0,
+    )
+
+
 def train_transforms(options: DataOptions) -> Compose:
     """Deterministic part, then ``num_samples`` random crops of ``roi_size`` per volume and augmentation.
 
@@ -150,16 +182,7 @@ def train_transforms(options: DataOptions) -> Compose:
     chain = deterministic_transforms(options)
     chain += [
         EnsureTyped(KEYS, track_meta=False),
-        RandCropByPosNegLabeld(
-            KEYS,
-            label_key="label",
-            spatial_size=options.roi_size,
-            pos=1,
-            neg=1,
-            num_samples=options.num_samples,
-            image_key="image",
-            image_threshold=0,
-        ),
+        _crop(options),
     ]
     if aug.get("flip", 0) > 0:
         chain += [RandFlipd(KEYS, prob=aug["flip"], spatial_axis=axis) for axis in range(3)]
