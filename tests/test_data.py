@@ -12,9 +12,9 @@ from monai.data import MetaTensor
 from omegaconf import OmegaConf
 
 from robustseg.data import BTCV_VALIDATION_CASES, build_datamodule, write_btcv_datalist, write_synthetic_dataset
-from robustseg.errors import ConfigError, DataError
 from robustseg.data.options import parse_options
 from robustseg.data.transforms import _crop
+from robustseg.errors import ConfigError, DataError
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 SIZE = (40, 36, 32)  # odd, non-cubic: exercises padding to roi and to pad_divisor
