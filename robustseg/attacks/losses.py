@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor
 
-from robustseg.attacks.sea_losses import SEA_LOSSES
+from robustseg.attacks.sea_losses import SEA_LOSSES, UNTARGETED_ONLY
 from robustseg.errors import ConfigError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -129,11 +129,15 @@ LOSSES: Mapping[str, LossFn] = _Losses(
 
 
 def check_loss(name: str, attack: str, *, targeted: bool = False) -> None:
-    """Raise ``ConfigError`` for an unknown loss, or for ``masked_ce`` in targeted mode (it has no meaning there)."""
+    """Raise ``ConfigError`` for an unknown loss, or for a masked loss in targeted mode (its mask needs the true
+    labels: ``masked_ce`` and SEA's ``masked_balanced_ce`` / ``masked_spherical``)."""
     if name not in LOSSES:
         raise ConfigError(f"{attack}.loss: unknown loss {name!r}; known: {sorted(LOSSES)}")
-    if targeted and name == "masked_ce":
-        raise ConfigError(f"{attack}.loss: masked_ce is untargeted only; use ce, dice or dice_ce with targeted=true")
+    if targeted and name in UNTARGETED_ONLY:
+        raise ConfigError(
+            f"{attack}.loss: {name} is untargeted only (its mask needs the true labels); use ce, dice or dice_ce "
+            "with targeted=true"
+        )
 
 
 def one_hot(labels: Tensor, num_classes: int) -> Tensor:

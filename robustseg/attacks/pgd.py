@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from robustseg.attacks.base import Attack, check_positive_int, make_generator, set_budgets
 from robustseg.attacks.best import BestTracker, OutputRecorder, track
 from robustseg.attacks.losses import LOSSES, check_loss
-from robustseg.attacks.sea_losses import UNTARGETED_ONLY
 from robustseg.attacks.targets import TARGETS
 from robustseg.errors import ConfigError
 from robustseg.registry import ATTACKS
@@ -51,9 +50,7 @@ class GradientAttack(Attack):
         if self.targeted:
             TARGETS[self.target]  # noqa: B018  (raises ConfigError naming the known rules)
         if hasattr(self, "loss"):
-            check_loss(self.loss, name, targeted=self.targeted)
-            if self.targeted and self.loss in UNTARGETED_ONLY:
-                raise ConfigError(f"{name}.loss: {self.loss} is untargeted only (its mask needs the true labels)")
+            check_loss(self.loss, name, targeted=self.targeted)  # also: masked losses are untargeted only
         if getattr(self, "track_best", False) and self.targeted:
             raise ConfigError(f"{name}.track_best: tracks the lowest Dice to the true labels; untargeted only")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
