@@ -76,6 +76,18 @@ def best_val_dice(run_dir: Path) -> float | None:
     return max(values) if values else None
 
 
+def clean_dice(run: Path) -> tuple[float, str]:
+    """A zoo model's clean Dice on lits117's validation slab, and where it comes from.
+
+    Its card's (``zoo/<name>/card.json``: the zoo evaluation, scored on the slab's real voxels as every reported
+    number is) when there is one; else the best ``val/dice/clean`` of its training log (scored on the padded slab).
+    """
+    card = run / "card.json"
+    if card.is_file():
+        return load_card(card).clean.dice, "its robustness card"
+    return best_val_dice(run) or 0.0, "its training log"
+
+
 def zoo_models() -> dict[str, Path]:
     """The zoo's lits117 models, each with its clean validation Dice stated.
 
@@ -89,8 +101,13 @@ def zoo_models() -> dict[str, Path]:
         if not (run / "checkpoints" / "best.ckpt").is_file():
             log.warning("zoo model %s is missing (train it: python scripts/train_zoo.py %s); skipped", name, name)
             continue
-        present[name], dice[name] = run, best_val_dice(run) or 0.0
-        log.info("zoo model %s: clean validation Dice %.3f (foreground mean, lits117 validation)", name, dice[name])
+        present[name], dice[name], where = run, *clean_dice(run)
+        log.info(
+            "zoo model %s: clean validation Dice %.3f (foreground mean, lits117 validation; %s)",
+            name,
+            dice[name],
+            where,
+        )
     if SOURCE not in present:
         raise SystemExit(f"the demo's surrogate {SOURCE} is not in {ZOO}: run python scripts/train_zoo.py {SOURCE}")
     good = {n: r for n, r in present.items() if dice[n] >= MIN_DICE}

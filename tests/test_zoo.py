@@ -30,7 +30,6 @@ MIN_LITS_DICE = 0.5  # the demo attacks only models that segment: foreground mea
 MAX_MB = 8.0
 
 
-@pytest.mark.xfail(reason="unetr_small-lits117-pgd was not trained in time on the loaded machine (docs/zoo.md)")
 def test_zoo_is_complete():
     have = {p.parent.name for p in CARDS}
     assert have >= REQUIRED, f"zoo entries without a card: {sorted(REQUIRED - have)} (scripts/train_zoo.py)"
@@ -63,9 +62,19 @@ def test_zoo_checkpoint_reproduces_its_card(card_path: Path):
     assert sum(scores) / len(scores) == pytest.approx(card.clean.dice, abs=1e-4)
 
 
-@pytest.mark.xfail(reason="the committed zoo was trained on a loaded machine and stopped early (docs/zoo.md)")
-def test_lits117_zoo_models_segment():
+BELOW_BAR = {  # measured, docs/zoo.md: the small UNETR overfits the single training slab (validation 0.51 / 0.51 on
+    # the padded slab, 0.495 / 0.477 on its real voxels); the demo does not attack these two
+    "unetr_small-lits117-clean",
+    "unetr_small-lits117-pgd",
+}
+LITS_CARDS = [p for p in CARDS if load_card(p).dataset.name == "lits117"]
+
+
+@pytest.mark.parametrize(
+    "card_path",
+    [pytest.param(p, marks=pytest.mark.xfail(strict=True)) if p.parent.name in BELOW_BAR else p for p in LITS_CARDS],
+    ids=lambda p: p.parent.name,
+)
+def test_lits117_zoo_models_segment(card_path: Path):
     """Issue 13's bar for the models the demo attacks: >= 0.5 foreground mean Dice on lits117's validation slab."""
-    weak = {p.parent.name: load_card(p).clean.dice for p in CARDS if load_card(p).dataset.name == "lits117"}
-    weak = {name: dice for name, dice in weak.items() if dice < MIN_LITS_DICE}
-    assert CARDS and not weak, f"below {MIN_LITS_DICE}: {weak}"
+    assert load_card(card_path).clean.dice >= MIN_LITS_DICE
