@@ -7,11 +7,14 @@
    they needed, no wall-time cap): a CNN and a transformer, each clean and PGD-trained. Each states its clean
    validation Dice before the attacks; a model below ``MIN_DICE`` (0.5, foreground mean) is not attacked, unless
    the surrogate itself is below it: then all are, each named in a warning (see docs/zoo.md: the committed zoo).
-3. Evaluation (``robustseg.evaluation.evaluate``): FGSM, PGD and VAFA white-box on every zoo model and by transfer
-   from the clean CNN to the others, at 4/255 and 8/255; then the reliable suite (APGD with SEA's three losses,
-   ``--suite reliable``) white-box on the clean CNN and transformer at 8/255 with ``DEMO_RELIABLE_STEPS`` steps.
-4. Outputs under ``runs/demo``: ``eval/report.md`` (and ``reliable/report.md``), a robustness card per model and
-   evaluation (``*/cards/*.json``), ``LEADERBOARD.md`` built from those cards, and offline W&B runs.
+3. Evaluation (``robustseg.evaluation.evaluate``): FGSM, PGD and VAFA white-box on every attacked zoo model and by
+   transfer from the clean CNN to the others, at 4/255 and 8/255; transfer between families from the clean
+   transformer (the surrogate only crafts, so it needs no Dice bar) to the attacked CNNs; then the reliable suite
+   (APGD with SEA's three losses, ``--suite reliable``) white-box on the attacked clean models at 8/255 with
+   ``DEMO_RELIABLE_STEPS`` steps.
+4. Outputs under ``runs/demo``: ``eval/report.md`` (and ``from-unetr/report.md``, ``reliable/report.md``), a
+   robustness card per model and evaluation (``*/cards/*.json``), ``LEADERBOARD.md`` built from those cards, and
+   offline W&B runs.
 
 Knobs (environment): ``DEMO_TRAIN_EPOCHS``, ``DEMO_PGD_STEPS`` / ``DEMO_VAFA_STEPS`` (default 5; the papers use 20),
 ``DEMO_RELIABLE_STEPS`` (default 10; the suite's fixed setting is 100), ``DEMO_RUNS`` (output folder).
@@ -44,6 +47,7 @@ RELIABLE_STEPS = int(os.environ.get("DEMO_RELIABLE_STEPS", "10"))
 RUNS = Path(os.environ.get("DEMO_RUNS", ROOT / "runs" / "demo"))
 ZOO = ROOT / "zoo"
 SOURCE = "unet_small-lits117-clean"  # the surrogate for transfer: the clean CNN
+OTHER_FAMILY = "unetr_small-lits117-clean"  # the second surrogate: transformer -> CNN transfer
 TARGETS = ("unet_small-lits117-clean", "unetr_small-lits117-clean", "unet_small-lits117-pgd", "unetr_small-lits117-pgd")
 RELIABLE_TARGETS = ("unet_small-lits117-clean", "unetr_small-lits117-clean")
 MIN_DICE = 0.5
@@ -161,6 +165,26 @@ def main() -> None:
         ],
     )
     evaluations = [main_eval]
+    surrogate = ZOO / OTHER_FAMILY
+    if (surrogate / "checkpoints" / "best.ckpt").is_file():
+        # transfer between families, transformer -> CNNs: the surrogate only crafts the volumes (it is not attacked,
+        # so it needs no Dice bar); every scored model is one of the attacked zoo models above
+        dice, where = clean_dice(surrogate)
+        log.info("transfer surrogate %s: clean Dice %.3f (%s); it crafts, it is not scored", OTHER_FAMILY, dice, where)
+        cnns = [str(p) for n, p in models.items() if n.startswith("unet_")]
+        evaluations.append(
+            run_evaluation(
+                RUNS / "from-unetr",
+                [
+                    f"--source={surrogate}",
+                    "--target=" + ",".join(cnns),
+                    "--attacks=fgsm,pgd,vafa",
+                    "--eps=4/255,8/255",
+                    f"+attack_overrides.pgd.steps={PGD_STEPS}",
+                    f"+attack_overrides.vafa.steps={VAFA_STEPS}",
+                ],
+            )
+        )
     if (CONF_DIR / "suite" / "reliable.yaml").is_file():
         evaluations.append(
             run_evaluation(
