@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+from robustseg.attacks import Attack  # noqa: E402
 from robustseg.models import TINY  # noqa: E402
 from robustseg.registry import MODELS  # noqa: E402
 
@@ -30,6 +32,46 @@ def make_volume_batch(batch_size: int = 2, size: int = 16, seed: int = 0, num_cl
     label = label.expand(batch_size, 1, -1, -1, -1).clone()  # (B, 1, D, H, W)
     image = (label / max(num_classes - 1, 1) + 0.1 * torch.randn(label.shape, generator=g)).clamp(0, 1)
     return {"image": image.float(), "label": label, "case_id": [f"case{i}" for i in range(batch_size)]}
+
+
+def conv_net3d(width: int = 6, out_channels: int = 3, scale: float = 6.0, seed: int = 0) -> nn.Module:
+    """A fixed float64 net, 3x3x3 conv -> tanh -> 3x3x3 conv, in eval mode, for attack reference tests.
+
+    Each logit depends on its neighbours (so windows and tiles matter), and the weights are scaled by ``scale`` so the
+    loss, its gradient and the prediction react to perturbations within a few /255.
+    """
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv3d(1, width, 3, padding=1), nn.Tanh(), nn.Conv3d(width, out_channels, 3, padding=1))
+    net = net.double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)  # in float64: exact for scale 1
+    return net.eval()
+
+
+class Recording(nn.Module):
+    """Wraps a net and records every input it is called on (detached copies, in call order)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.append(x.detach().clone())
+        return self.net(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpy(Attack):
+    """Returns its input and records the label map its objective would use (the target map when targeted)."""
+
+    targeted: bool = True
+    target: str = "foreground_swap"
+    seen: list = dataclasses.field(default_factory=list, compare=False)
+
+    def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        self.seen.append(labels.clone())
+        return images
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import conv_net3d
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
@@ -21,16 +22,6 @@ EPS, ALPHA = 8 / 255, 2 / 255
 
 def papers_dice_ce(logits: Tensor, labels: Tensor) -> Tensor:
     return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)(logits, labels)
-
-
-def conv_net(channels: int = 3) -> nn.Module:
-    """Fixed 3x3x3 conv net, float64, sensitive enough that gradient magnitudes change from step to step."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv3d(6, channels, 3, padding=1)).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(6)
-    return net.eval()
 
 
 def grad_of(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -55,7 +46,7 @@ def batch() -> tuple[Tensor, Tensor]:
 def test_mi_fgsm_matches_dong_et_al(batch):
     """g <- mu g + grad / ||grad||_1 (per volume), x <- clip_eps(x + alpha sign(g)) (Dong et al., CVPR 2018)."""
     images, labels = batch
-    net = conv_net()
+    net = conv_net3d()
     x, g = images.clone(), torch.zeros_like(images)
     for _ in range(4):
         grad = grad_of(net, x, labels)
@@ -69,7 +60,7 @@ def test_vmi_fgsm_matches_wang_and_he(batch):
     """g <- mu g + (grad + v) / ||grad + v||_1; v <- mean_i grad(x + r_i) - grad(x), r_i ~ U[-beta eps, beta eps]
     (Wang and He, CVPR 2021). The neighbours are drawn from the attack's seeded generator, in its order."""
     images, labels = batch
-    net = conv_net()
+    net = conv_net3d()
     gen = torch.Generator().manual_seed(5)
     x, g, v = images.clone(), torch.zeros_like(images), torch.zeros_like(images)
     for _ in range(3):
@@ -88,7 +79,7 @@ def test_input_diversity_matches_xie_et_al(batch, monkeypatch):
     size. Random draws fixed: apply (0.0 < p), scale u = 0.5 -> s = 0.6 + 0.4 * 0.5 = 0.8, offsets from (0.7, 0.9,
     0.5): sizes (9, 10, 7) -> (7, 8, 6), offsets int(u * (n - m + 1)) = (2, 2, 1)."""
     images, labels = batch
-    net = conv_net()
+    net = conv_net3d()
     draws = iter([0.0, 0.5, 0.7, 0.9, 0.5])
     monkeypatch.setattr(transfer_module, "_uniform", lambda *_: next(draws))
     x = images.clone().requires_grad_(True)
@@ -121,7 +112,7 @@ def test_pipeline_gradient_equals_autograd_through_monai(size, bounded):
     g = torch.Generator().manual_seed(1)
     image = torch.rand(1, 1, *size, generator=g, dtype=torch.float64)
     label = torch.randint(0, 3, (1, 1, *size), generator=g)
-    net = conv_net()
+    net = conv_net3d()
     x = image.clone().requires_grad_(True)
     reference = sliding_window_inference(x, (16, 16, 16), 2, net, overlap=0.5, mode="gaussian", sigma_scale=0.125)
     (expected,) = torch.autograd.grad(papers_dice_ce(reference, label), x)
@@ -140,7 +131,7 @@ def test_tiles_stitch_each_tile_attacked_alone_with_a_wide_receptive_field():
     g = torch.Generator().manual_seed(2)
     image = torch.rand(1, 1, 24, 20, 18, generator=g, dtype=torch.float64)
     label = torch.randint(0, 3, (1, 1, 24, 20, 18), generator=g)
-    net = conv_net()
+    net = conv_net3d()
     fgsm = ATTACKS.build({"name": "pgd", "eps": EPS, "step_size": EPS, "steps": 1, "random_start": False})
     expected = torch.empty_like(image)
     axes = [[(0, 0, 16), (8, 16, 24)], [(0, 0, 16), (4, 16, 20)], [(0, 0, 16), (2, 16, 18)]]  # (start, keep, stop)

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import conv_net3d
 from monai.losses import DiceLoss
 from monai.metrics.regression import compute_ssim_and_cs
 from torch import nn
@@ -336,20 +337,11 @@ def test_tile_starts_exact():
     assert tile_starts(40, 16) == [(0, 0, 16), (16, 16, 32), (24, 32, 40)]
 
 
-def _conv_net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 3, 3, padding=1)).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(6)
-    return net.eval()
-
-
 def test_tiles_of_a_volume_smaller_than_the_roi_are_zero_padded_at_the_end():
     g = torch.Generator().manual_seed(4)
     image = torch.rand(1, 1, 11, 13, 9, generator=g, dtype=torch.float64)
     label = torch.randint(0, 3, (1, 1, 11, 13, 9), generator=g)
-    net = _conv_net()
+    net = conv_net3d(width=4)
     fgsm = ATTACKS.build({"name": "pgd", "eps": 8 / 255, "step_size": 8 / 255, "steps": 1, "random_start": False})
     pad = (0, 7, 0, 3, 0, 5)  # W, H, D up to 16
     expected = fgsm(net, nn.functional.pad(image, pad), nn.functional.pad(label, pad))[:, :, :11, :13, :9]
@@ -362,7 +354,7 @@ def test_l2_tiles_project_the_stitched_perturbation():
     g = torch.Generator().manual_seed(5)
     image = torch.rand(1, 1, 32, 16, 16, generator=g, dtype=torch.float64) * 0.5 + 0.25
     label = torch.randint(0, 3, (1, 1, 32, 16, 16), generator=g)
-    net = _conv_net()
+    net = conv_net3d(width=4)
     attack = ATTACKS.build({"name": "pgd_l2", "eps": 0.5, "step_size": 0.5, "steps": 1, "random_start": False})
     stitched = torch.cat(
         [attack(net, image[:, :, :16], label[:, :, :16]), attack(net, image[:, :, 16:], label[:, :, 16:])], 2

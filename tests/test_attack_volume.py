@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from conftest import make_volume_batch
+from conftest import TargetSpy, make_volume_batch
 from torch import Tensor, nn
 
-from robustseg.attacks import ATTACKS, LOSSES, Attack, SlidingWindowModel, attack_volume
+from robustseg.attacks import ATTACKS, LOSSES, SlidingWindowModel, attack_volume
 from robustseg.attacks.volume import tile_starts
 
 
@@ -113,19 +111,6 @@ def test_attack_volume_rejects_bad_arguments(tiny_net, odd_volume):
         attack_volume(attack, tiny_net, odd_volume["image"], odd_volume["label"], mode="slices", roi_size=16)
     with pytest.raises(ValueError, match="label"):
         attack_volume(attack, tiny_net, odd_volume["image"], odd_volume["label"][0], roi_size=16)
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetSpy(Attack):
-    """Returns its input and records the label map its objective would use (the target map when targeted)."""
-
-    targeted: bool = True
-    target: str = "foreground_swap"
-    seen: list = dataclasses.field(default_factory=list, compare=False)
-
-    def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
-        self.seen.append(labels.clone())
-        return images
 
 
 def test_tiles_get_the_target_derived_once_from_the_whole_volume():

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Recording
 from torch import Tensor, nn
 
 from robustseg.attacks import ATTACKS, LOSSES
@@ -26,18 +27,6 @@ class TwoClass(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, 1 - x], dim=1)
-
-
-class Recording(nn.Module):
-    """Records every input it is called on."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net, self.seen = net, []
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.seen.append(x.detach().clone())
-        return self.net(x)
 
 
 # configuration ---------------------------------------------------------------------------------------------------

@@ -9,23 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Recording
 from torch import Tensor, nn
 
 from robustseg.attacks import ATTACKS, LOSSES
 from robustseg.attacks.best import foreground_dice
-
-
-class Recording(nn.Module):
-    """Records every input it is called on."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net, self.seen = net, []
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.seen.append(x.detach().clone())
-        return self.net(x)
-
 
 # apgd: the whole loop against a plain one-volume reference --------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import conv_net3d
 from torch import Tensor, nn
 
 from robustseg.attacks import ATTACKS
@@ -18,16 +19,6 @@ from robustseg.attacks.targets import TARGETS, derive_target
 from robustseg.errors import ConfigError
 
 EPS, ALPHA = 8 / 255, 2 / 255
-
-
-def conv_net(seed: int) -> nn.Module:
-    """Fixed 3x3x3 conv net, float64, three classes, sensitive enough that its prediction changes within eps."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv3d(6, 3, 3, padding=1)).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(6)
-    return net.eval()
 
 
 class Masked(nn.Module):
@@ -97,7 +88,7 @@ def test_vmi_fgsm_random_start_matches_wang_and_he(saturated_batch):
     """With a random start the start point is clipped to [0, 1] before the first gradient; the start and the
     neighbours come from the seeded generator."""
     images, labels = saturated_batch
-    net = conv_net(1)
+    net = conv_net3d(seed=1)
     expected = vmi_iterates(net, images, labels, 4, 2, 1.5, seed=13)[-1]
     attack = ATTACKS.build({**VMI, "random_start": True, "seed": 13})
     torch.testing.assert_close(attack(net, images, labels), expected, rtol=0, atol=1e-12)
@@ -107,7 +98,7 @@ def test_vmi_fgsm_track_best_returns_the_visited_point_with_the_lowest_dice(satu
     """track_best: per volume the iterate x_0 .. x_T (the last one included) with the lowest foreground Dice,
     the earlier one on ties. Here volume 0 is best at an intermediate iterate and volume 1 at the last one."""
     images, labels = saturated_batch
-    net = conv_net(1)
+    net = conv_net3d(seed=1)
     iterates = vmi_iterates(net, images, labels, 4, 2, 1.5, seed=13)
     with torch.no_grad():
         scores = torch.tensor([hand_foreground_dice(net(x), labels) for x in iterates])  # (T + 1, B)
@@ -139,7 +130,7 @@ def test_voxels_with_zero_gradient_are_not_moved(extra):
     mask = torch.ones_like(images)
     mask[..., 2:4, :] = 0.0
     attack = ATTACKS.build({**extra, "eps": EPS, "step_size": ALPHA, "steps": 3, "seed": 0})
-    moved = attack(Masked(conv_net(0), mask), images, labels) - images
+    moved = attack(Masked(conv_net3d(seed=0), mask), images, labels) - images
     assert torch.equal(moved[mask == 0], torch.zeros_like(moved[mask == 0]))
     assert moved[mask == 1].abs().max() > 0  # the seen voxels do move
 
@@ -151,7 +142,7 @@ def test_mi_fgsm_normalises_each_volume_by_its_own_gradient():
     images = torch.rand(2, 1, 5, 6, 7, generator=g, dtype=torch.float64)
     images[1] = images[1] * 0.02 + 0.5
     labels = torch.randint(0, 3, (2, 1, 5, 6, 7), generator=g)
-    net = conv_net(1)
+    net = conv_net3d(seed=1)
     attack = ATTACKS.build({"name": "mi_fgsm", "eps": EPS, "step_size": ALPHA, "steps": 6, "decay": 1.0, "loss": "ce"})
     alone = torch.cat([attack(net, images[i : i + 1], labels[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(attack(net, images, labels), alone, rtol=0, atol=1e-12)
@@ -162,7 +153,7 @@ def test_input_diversity_draws_every_random_number_from_the_generator():
     generator (u_0 < p applies; s = r + (1 - r) u_1; offset int(u_i (n - m + 1))), never from the global RNG."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 1, 9, 10, 7, generator=g, dtype=torch.float64)
-    net = conv_net(2)
+    net = conv_net3d(seed=2)
     twin = torch.Generator().manual_seed(11)
     u = [float(torch.rand((), generator=twin)) for _ in range(5)]
     assert u[0] < 0.9  # the transform applies for this seed

@@ -13,6 +13,7 @@ import pytest
 import scipy.fft
 import torch
 import torch.nn.functional as F
+from conftest import conv_net3d
 from monai.losses import DiceCELoss
 from monai.metrics.regression import compute_ssim_and_cs
 from torch import Tensor, nn
@@ -24,16 +25,6 @@ from robustseg.attacks.vafa import rescale_axial_slices
 from robustseg.errors import ConfigError
 
 B = 4  # block edge used throughout
-
-
-def net3() -> nn.Module:
-    """A fixed float64 3x3x3 conv net, three classes, whose loss reacts to small input changes."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv3d(6, 3, 3, padding=1)).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(8)
-    return net.eval()
 
 
 def soft_round(u: Tensor, a: float) -> Tensor:
@@ -69,10 +60,10 @@ def test_fixed_tables_output_and_clip_steps_are_the_clamped_reconstruction():
     images, labels = x[None, None], torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
     cfg = {"name": "vafa", "q_max": 100, "q_min": 100, "steps": 2, "block_size": B}
     for extra, raw in (({}, raw_soft), ({"hard_round": True}, raw_hard)):
-        out = ATTACKS.build({**cfg, **extra})(net3(), images, labels)[0, 0]
+        out = ATTACKS.build({**cfg, **extra})(conv_net3d(scale=8), images, labels)[0, 0]
         torch.testing.assert_close(out, raw.clamp(0, 1), rtol=0, atol=1e-9)
     for clip in (False, True):
-        net, seen = net3(), []
+        net, seen = conv_net3d(scale=8), []
         net.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0].detach()))
         ATTACKS.build({**cfg, "clip_steps": clip})(net, images, labels)
         step0 = x_prime_fixed(x, 100.0, 0.1)  # a = 0.1 at step 0
@@ -99,7 +90,7 @@ def test_vafa2d_ssim_on_sizes_off_the_block_grid_rescales_every_slice():
     x = 0.3 + 0.4 * torch.rand(1, 1, 6, 7, 3, generator=g, dtype=torch.float64)  # inside [0.3, 0.7]
     y = torch.randint(0, 3, (1, 1, 6, 7, 3), generator=g)
     attack = ATTACKS.build({"name": "vafa2d", "steps": 2, "block_size": B, "use_ssim": True, "q_max": 20})
-    out = attack(net3(), x, y)
+    out = attack(conv_net3d(scale=8), x, y)
     assert out.shape == x.shape and torch.isfinite(out).all()
     lows, highs = out.amin(dim=(2, 3)), out.amax(dim=(2, 3))  # per axial slice
     torch.testing.assert_close(lows, torch.zeros_like(lows), rtol=0, atol=1e-12)
@@ -214,7 +205,7 @@ def test_vafa_rescaled_slices_ssim_compares_what_the_model_saw():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 1, 8, 8, 8, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (1, 1, 8, 8, 8), generator=g)
-    net = net3()
+    net = conv_net3d(scale=8)
     attack = ATTACKS.build({"name": "vafa", "q_max": 20, "steps": 2, "block_size": B, "rescale_slices": True})
     expected = reference_rescaled_vafa(net, x, y, 2)
     torch.testing.assert_close(attack(net, x, y), expected, rtol=0, atol=1e-9)

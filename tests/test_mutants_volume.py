@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import TargetSpy, conv_net3d
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
@@ -18,12 +19,6 @@ from robustseg.attacks import ATTACKS, Attack, SlidingWindowModel, attack_volume
 from robustseg.attacks.base import AttackInputError
 from robustseg.attacks.volume import project_l2
 from robustseg.errors import ConfigError
-
-
-def conv_net(seed: int = 0) -> nn.Module:
-    """Fixed 3x3x3 conv net in float64 (three classes): each logit depends on its neighbours, so windows matter."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 3, 3, padding=1)).double().eval()
 
 
 def reference_vjp(net: nn.Module, image: Tensor, upstream: Tensor, roi, overlap: float, **kwargs) -> Tensor:
@@ -57,7 +52,7 @@ def test_window_model_equals_monai_forward_and_vjp(case, bounded):
     image = torch.rand(batch, 1, *size, generator=g, dtype=torch.float64)
     upstream = torch.randn(batch, 3, *size, generator=g, dtype=torch.float64)
     weights = torch.rand(roi, generator=g, dtype=torch.float64) + 0.05 if own_weights else None
-    net = conv_net()
+    net = conv_net3d(width=4, scale=1)
     kwargs = {"mode": blend, "roi_weight_map": weights}
     want = reference_vjp(net, image, upstream, roi, overlap, **kwargs)
     model = SlidingWindowModel(
@@ -103,19 +98,6 @@ def test_memory_bounded_is_opt_in_and_recomputes_windows_in_backward():
     assert net.calls == 2
     logits.sum().backward()
     assert net.calls == 4 and net.conv.weight.grad is None and x.grad is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetSpy(Attack):
-    """Returns its input and records the label map its objective uses (the target map: it is targeted)."""
-
-    targeted: bool = True
-    target: str = "foreground_swap"
-    seen: list = dataclasses.field(default_factory=list, compare=False)
-
-    def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
-        self.seen.append(labels.clone())
-        return images
 
 
 @pytest.mark.parametrize("given", [None, 4])

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import conv_net3d
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
@@ -107,16 +108,6 @@ def reference_vafa(
     return adv.detach().clamp(0, 1)
 
 
-def conv_net() -> nn.Module:
-    """A fixed 3x3x3 conv net in float64 whose loss reacts to small input changes."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv3d(6, 3, 3, padding=1)).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(8)
-    return net.eval()
-
-
 @pytest.fixture
 def volume() -> tuple[Tensor, Tensor]:
     """(1, 1, 8, 8, 8) float64 in [0, 1] (8 blocks of 4^3) and three-class labels."""
@@ -130,7 +121,7 @@ def volume() -> tuple[Tensor, Tensor]:
 def test_vafa_matches_the_published_loop(volume, steps):
     """q moves by +sign(grad of DiceCE - (1 - SSIM)) from q_max, a anneals down, x' = IDCT(...) + 128."""
     x, y = volume
-    net = conv_net()
+    net = conv_net3d(scale=8)
     attack = ATTACKS.build({"name": "vafa", "q_max": 20, "steps": steps, "block_size": B})
     expected = reference_vafa(net, x, y, 20.0, steps)
     torch.testing.assert_close(attack(net, x, y), expected, rtol=0, atol=1e-9)
@@ -141,7 +132,7 @@ def test_vafa_matches_the_published_loop(volume, steps):
 
 def test_vafa_without_ssim_matches_the_published_loop(volume):
     x, y = volume
-    net = conv_net()
+    net = conv_net3d(scale=8)
     attack = ATTACKS.build({"name": "vafa", "q_max": 12, "steps": 3, "block_size": B, "use_ssim": False})
     torch.testing.assert_close(attack(net, x, y), reference_vafa(net, x, y, 12.0, 3, ssim=False), rtol=0, atol=1e-9)
 
@@ -150,7 +141,7 @@ def test_returns_the_last_point_the_model_saw(volume):
     """Default: the soft x' of the last step (tables before the final update), which the published loop feeds to the
     model last; hard_round returns another point."""
     x, y = volume
-    net = conv_net()
+    net = conv_net3d(scale=8)
     seen: list[Tensor] = []
     hook = net.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
     cfg = {"name": "vafa", "q_max": 20, "steps": 3, "block_size": B}
@@ -164,7 +155,7 @@ def test_returns_the_last_point_the_model_saw(volume):
 
 def test_steps_see_x_prime_unclipped_unless_asked(volume):
     x, y = volume
-    net = conv_net()
+    net = conv_net3d(scale=8)
     for clip, outside in ((False, True), (True, False)):
         seen: list[Tensor] = []
         hook = net.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0].detach()))
@@ -178,7 +169,7 @@ def test_q_max_sweep_changes_the_volume(volume):
     """Issue 10: under the paper's start q_max 21, 30 and 60 gave bit-identical volumes; the published start does
     not. The paper start warns when the sweep cannot matter."""
     x, y = volume
-    net = conv_net()
+    net = conv_net3d(scale=8)
     out = {
         qm: ATTACKS.build({"name": "vafa", "q_max": qm, "steps": 4, "block_size": B})(net, x, y) for qm in (10, 20, 30)
     }
@@ -256,7 +247,7 @@ def test_vafa2d_is_safe_on_constant_slices_and_changes_the_volume():
     x = torch.rand(1, 1, 16, 16, 4)
     x[..., 2] = 0.4  # a constant axial slice: the published min-max divides by zero there
     y = torch.randint(0, 3, (1, 1, 16, 16, 4))
-    net = conv_net().float()
+    net = conv_net3d(scale=8).float()
     out = ATTACKS.build({"name": "vafa2d", "steps": 3})(net, x, y)
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
     assert (out - x).abs().max() > 0
@@ -273,7 +264,7 @@ def test_block_ssim_gradient_is_exact(dims):
 def test_targeted_vafa_descends_towards_the_target(volume):
     """Targeted (published): minimise DiceCE to the target map (plus 1 - SSIM)."""
     x, y = volume
-    net = conv_net()
+    net = conv_net3d(scale=8)
     target = torch.zeros_like(y)
     attack = ATTACKS.build({"name": "vafa", "q_max": 20, "steps": 3, "block_size": B, "targeted": True})
     expected = reference_vafa(net, x, target, 20.0, 3, targeted=True)
@@ -285,7 +276,7 @@ def test_vafa_pads_by_replicating_the_edge(volume):
     the crop), attacked, cropped back."""
     x, y = volume
     x, y = x[:, :, :6, :, :7], y[:, :, :6, :, :7]
-    net = conv_net()
+    net = conv_net3d(scale=8)
     padded = F.pad(x, (0, 1, 0, 0, 0, 2), mode="replicate")
     expected = reference_vafa(net, padded, y, 20.0, 3, size=(6, 8, 7))
     attack = ATTACKS.build({"name": "vafa", "q_max": 20, "steps": 3, "block_size": B})
